@@ -1,0 +1,345 @@
+"""Extraction: reader (DataLoader workers decode and crop) -> mapper (the model up to one layer) -> writer.
+
+Resumable by construction: rows are written at their item's index into preallocated ``*.partial`` arrays and a
+small state file records how many batches are done, so a build killed at any point continues on rerun. Batch
+boundaries are a function of the item index and batch size only, so a resumed build computes every batch on
+exactly the same images as an uninterrupted one and writes byte-identical arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache_builder import __version__
+from cache_builder.errors import BuildError
+from cache_builder.metadata_writer import write_metadata
+from cache_builder.models import FeatureExtractor, LoadedModel, Preprocessing, load_model
+from cache_builder.sources import Source, SourceItem, open_item
+from dashboard import cache_format as fmt
+
+STATE_FILE = "build_state.json"
+PARTIAL_FEATURES = "features.partial.npy"
+PARTIAL_SQNORMS = "sqnorms.partial.npy"
+PARTIAL_IMAGES = "images.partial"
+JPEG_QUALITY = 95
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    layer: str | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = 1
+    overwrite: bool = False
+    limit: int | None = None
+
+
+@dataclass
+class BuildPlan:
+    """What a build will produce; its fingerprint decides between resume, 'already built' and refusal."""
+
+    items: list[tuple[int, SourceItem]]  # (source index, item) in cache order
+    sources: list[Source]
+    model: LoadedModel
+    layer: str
+    grid: tuple[int, int, int]
+    batch_size: int
+    weights_arg: str | None = None
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256()
+        for part in (
+            fmt.FORMAT_VERSION,
+            self.model.name,
+            self.model.weights_sha256 or self.model.weights_source,
+            self.layer,
+            json.dumps(self.model.preprocessing.to_dict(), sort_keys=True),
+            self.batch_size,
+        ):
+            digest.update(repr(part).encode())
+        for source_index, item in self.items:
+            digest.update(repr((source_index, item.path, self.sources[source_index].demo_seed)).encode())
+        self.fingerprint = digest.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BuildError("--device cuda: no CUDA GPU is visible to torch; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BuildError("--device mps: Apple's Metal backend is not available here; use --device auto or cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise BuildError(f"--device {name}: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+class _CropDataset(Dataset):
+    """Decodes, crops and normalises one item; failures come back as values so one bad file never kills a build."""
+
+    def __init__(self, items: list[tuple[int, int, SourceItem]], sources: list[Source], prep: Preprocessing):
+        self.items = items  # (cache-order index, source index, item)
+        self.demo_seeds = [s.demo_seed for s in sources]
+        self.prep = prep
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index, source_index, item = self.items[i]
+        try:
+            image = open_item(item, self.demo_seeds[source_index])
+            crop = self.prep.crop(image)
+            pixels = np.asarray(crop, dtype=np.uint8)
+            buffer = io.BytesIO()
+            crop.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+            return {"index": index, "tensor": self.prep.normalize(pixels), "jpeg": buffer.getvalue(), "error": None}
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is reported, not fatal
+            return {"index": index, "tensor": None, "jpeg": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [s for s in samples if s["error"] is None]
+    return {
+        "indices": [s["index"] for s in good],
+        "tensor": torch.stack([s["tensor"] for s in good]) if good else None,
+        "jpegs": [s["jpeg"] for s in good],
+        "failed": [(s["index"], s["error"]) for s in samples if s["error"] is not None],
+    }
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    """Return the saved state to resume from, None for a fresh build; refuse to clobber another cache."""
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    manifest_path = out / fmt.MANIFEST_FILE
+    existing = [p.name for p in out.iterdir()]
+    if not existing:
+        return None
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    fingerprint_on_disk = (state or {}).get("fingerprint")
+    if fingerprint_on_disk is None and manifest_path.is_file():
+        fingerprint_on_disk = json.loads(manifest_path.read_text()).get("fingerprint")
+    if fingerprint_on_disk == fingerprint and not overwrite:
+        return state
+    if fingerprint_on_disk is None and not manifest_path.is_file():
+        raise BuildError(f"output folder {out} is not empty and holds no feature cache; choose an empty folder")
+    if not overwrite:
+        raise BuildError(
+            f"output folder {out} holds a different cache (other sources, model, layer or options); "
+            "pass --overwrite to replace it"
+        )
+    remove_cache_files(out)
+    return None
+
+
+def remove_cache_files(out: Path) -> None:
+    for name in (fmt.MANIFEST_FILE, STATE_FILE, fmt.FEATURES_FILE, fmt.SQNORMS_FILE, fmt.METADATA_FILE,
+                 fmt.METADATA_FILE + ".wal", PARTIAL_FEATURES, PARTIAL_SQNORMS):
+        (out / name).unlink(missing_ok=True)
+    for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    fmt.write_json_atomic(out / STATE_FILE, json.dumps(state))
+
+
+def plan_build(sources: list[Source], options: BuildOptions) -> BuildPlan:
+    items = [(si, item) for si, source in enumerate(sources) for item in source.items]
+    if options.limit is not None:
+        if options.limit <= 0:
+            raise BuildError("--limit must be a positive number of images")
+        items = items[: options.limit]
+    if options.batch_size <= 0:
+        raise BuildError("--batch-size must be positive")
+    model = load_model(options.model, weights=options.weights, image_size=options.image_size)
+    layer = options.layer or model.default_layer
+    extractor = FeatureExtractor(model, layer)
+    c, h, w = extractor.output_shape
+    return BuildPlan(items=items, sources=sources, model=model, layer=layer, grid=(h, w, c),
+                     batch_size=options.batch_size, weights_arg=options.weights)
+
+
+def build_cache(
+    sources: list[Source],
+    out: Path,
+    options: BuildOptions,
+    on_progress: ProgressCallback | None = None,
+) -> fmt.Manifest:
+    """Build (or finish, or confirm) the cache in `out`; returns its complete manifest."""
+    started = time.perf_counter()
+    out = Path(out)
+    plan = plan_build(sources, options)
+    state = prepare_output(out, plan.fingerprint, options.overwrite)
+    if state is None and (out / fmt.MANIFEST_FILE).is_file():
+        manifest = fmt.read_manifest(out)
+        if manifest.status == fmt.STATUS_COMPLETE:
+            return manifest  # same fingerprint, already complete: nothing to do
+    h, w, c = plan.grid
+    n = len(plan.items)
+    if state is None:
+        remove_cache_files(out)
+        state = {"fingerprint": plan.fingerprint, "items": n, "done": 0, "skipped": [], "timings": {}}
+        np.lib.format.open_memmap(out / PARTIAL_FEATURES, mode="w+", dtype=np.uint16, shape=(n, h, w, c)).flush()
+        np.lib.format.open_memmap(out / PARTIAL_SQNORMS, mode="w+", dtype=np.float32, shape=(n, h, w)).flush()
+        (out / PARTIAL_IMAGES).mkdir(exist_ok=True)
+        _save_state(out, state)
+    manifest = _manifest_for(plan, state, fmt.STATUS_BUILDING)
+    fmt.write_manifest(out, manifest)
+
+    if state["done"] < n:
+        _extract(plan, out, state, options, on_progress)
+    _finalize(plan, out, state)
+    state["timings"]["total_s"] = state["timings"].get("total_s", 0.0) + time.perf_counter() - started
+    manifest = _manifest_for(plan, state, fmt.STATUS_COMPLETE)
+    fmt.write_manifest(out, manifest)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return manifest
+
+
+def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOptions,
+             on_progress: ProgressCallback | None) -> None:
+    device = resolve_device(options.device)
+    extractor = FeatureExtractor(plan.model, plan.layer).to(device).eval()
+    pending = [(i, si, item) for i, (si, item) in enumerate(plan.items)][state["done"]:]
+    loader = DataLoader(
+        _CropDataset(pending, plan.sources, plan.model.preprocessing),
+        batch_size=plan.batch_size,
+        shuffle=False,
+        num_workers=options.workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if options.workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if options.workers > 0 else None,
+    )
+    features = np.load(out / PARTIAL_FEATURES, mmap_mode="r+")
+    sqnorms = np.load(out / PARTIAL_SQNORMS, mmap_mode="r+")
+    timings = state["timings"]
+    n = len(plan.items)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else _NoContext()
+    t_wait = time.perf_counter()
+    for batch in loader:
+        t_model = time.perf_counter()
+        timings["read_s"] = timings.get("read_s", 0.0) + t_model - t_wait
+        indices = batch["indices"]
+        if indices:
+            with torch.inference_mode(), autocast:
+                output = extractor(batch["tensor"].to(device, non_blocking=True))
+            bits, norms = fmt.encode_features(output.cpu().permute(0, 2, 3, 1))
+            t_write = time.perf_counter()
+            timings["model_s"] = timings.get("model_s", 0.0) + t_write - t_model
+            lo, hi = indices[0], indices[-1] + 1
+            if hi - lo == len(indices):  # contiguous rows: one slice write
+                features[lo:hi], sqnorms[lo:hi] = bits, norms
+            else:
+                features[indices], sqnorms[indices] = bits, norms
+            for index, jpeg in zip(indices, batch["jpegs"]):
+                (out / PARTIAL_IMAGES / f"{index:07d}{fmt.IMAGE_SUFFIX}").write_bytes(jpeg)
+            features.flush()
+            sqnorms.flush()
+        else:
+            t_write = time.perf_counter()
+        for index, error in batch["failed"]:
+            state["skipped"].append({"path": plan.items[index][1].path, "reason": error})
+        state["done"] = min(n, state["done"] + plan.batch_size)
+        t_wait = time.perf_counter()
+        timings["write_s"] = timings.get("write_s", 0.0) + t_wait - t_write
+        _save_state(out, state)
+        if on_progress is not None:
+            on_progress(state["done"], n)
+    del features, sqnorms
+
+
+class _NoContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
+    """Drop skipped rows, move images to their final ids, write metadata. Each step can be redone after a kill."""
+    t0 = time.perf_counter()
+    skipped_paths = {s["path"] for s in state["skipped"]}
+    keep = [i for i, (_, item) in enumerate(plan.items) if item.path not in skipped_paths]
+    if not keep:
+        raise BuildError("every image failed to load; nothing to cache (see the reasons listed above)")
+    for partial, final in ((PARTIAL_FEATURES, fmt.FEATURES_FILE), (PARTIAL_SQNORMS, fmt.SQNORMS_FILE)):
+        if not (out / partial).exists():
+            continue  # already finalised by an earlier, interrupted run
+        if len(keep) == len(plan.items):
+            os.replace(out / partial, out / final)
+            continue
+        source = np.load(out / partial, mmap_mode="r")
+        tmp = out / f".{final}.tmp"
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(len(keep),) + source.shape[1:])
+        step = 4096
+        for start in range(0, len(keep), step):
+            target[start:start + step] = source[keep[start:start + step]]
+        target.flush()
+        del target, source
+        os.replace(tmp, out / final)
+        (out / partial).unlink()
+    partial_images = out / PARTIAL_IMAGES
+    if partial_images.exists():
+        for new_id, index in enumerate(keep):
+            src = partial_images / f"{index:07d}{fmt.IMAGE_SUFFIX}"
+            if src.exists():
+                dst = out / fmt.image_relpath(new_id)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+        shutil.rmtree(partial_images)
+    write_metadata(out / fmt.METADATA_FILE, [(plan.sources[si], item) for si, item in (plan.items[i] for i in keep)])
+    state["timings"]["finalize_s"] = state["timings"].get("finalize_s", 0.0) + time.perf_counter() - t0
+
+
+def _manifest_for(plan: BuildPlan, state: dict[str, Any], status: str) -> fmt.Manifest:
+    skipped = list(state["skipped"])
+    return fmt.Manifest(
+        model=plan.model.name,
+        layer=plan.layer,
+        weights_source=plan.model.weights_source,
+        weights_sha256=plan.model.weights_sha256,
+        preprocessing=plan.model.preprocessing.to_dict(),
+        input_size=plan.model.preprocessing.input_size,
+        grid=plan.grid,
+        image_count=len(plan.items) - len(skipped),
+        sources=[s.describe() for s in plan.sources],
+        skipped=skipped,
+        timings={k: round(v, 3) for k, v in state["timings"].items()},
+        builder_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        status=status,
+        weights_arg=plan.weights_arg,
+        fingerprint=plan.fingerprint,
+        batch_size=plan.batch_size,
+    )

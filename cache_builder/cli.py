@@ -1,0 +1,178 @@
+"""`python -m cache_builder`: a thin argparse layer over `build_cache`, `list_layers` and the manifest reader."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cache_builder.errors import BuildError
+from dashboard.cache_format import CacheError
+
+EPILOG = """\
+sources (repeat --source to combine them into one cache; @DOMAIN tags each image's `domain` column):
+  demo                  the built-in synthetic camera-trap dataset (1,500 images)
+  folder:PATH           every image under PATH; the first-level subfolder becomes `label`
+  csv:PATH              a CSV or Parquet manifest with a `path` column relative to its folder;
+                        every other column is kept as typed metadata
+examples:
+  python -m cache_builder build --source demo --out caches/demo
+  python -m cache_builder build --source folder:val@in --source folder:sketch@out --out caches/shift
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from cache_builder.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cache_builder",
+        description="Build a feature cache (features.npy + metadata.duckdb) from image datasets.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build", help="extract one layer's features for every image into a cache folder",
+        description="Extract one layer's feature maps for every image of the sources into --out. "
+        "Rerunning the same command resumes an interrupted build.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    build.add_argument("--source", action="append", required=True, metavar="SOURCE",
+                       help="demo | folder:PATH | csv:PATH, each optionally suffixed @DOMAIN (repeatable)")
+    build.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model name (torchvision or timm) or TorchScript file (default: {DEFAULT_MODEL})")
+    build.add_argument("--layer", help="module name whose output is cached (default: the model's default layer; "
+                       "see the `layers` command)")
+    build.add_argument("--out", required=True, type=Path, help="cache folder to create (or resume)")
+    build.add_argument("--weights", help="weights file (state dict), or 'none' for random weights; default: the "
+                       "model's pretrained weights from local files only")
+    build.add_argument("--image-size", type=int, help="input side in pixels (default: the model's own)")
+    build.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    build.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                       help="where the model runs (default: auto = cuda, then mps, then cpu)")
+    build.add_argument("--workers", type=int, default=1, help="DataLoader processes decoding images (default: 1)")
+    build.add_argument("--overwrite", action="store_true", help="replace a different cache already in --out")
+    build.add_argument("--limit", type=int, help="only the first N images (for a quick trial)")
+    build.add_argument("--multilabel", action="append", default=[], metavar="COLUMN",
+                       help="csv sources: store COLUMN as a list of labels (repeatable)")
+    build.add_argument("--sep", default="|", help="separator of --multilabel values (default: |)")
+    build.add_argument("--allow-outside", action="store_true",
+                       help="let manifest paths and links point outside the source's folder")
+    build.add_argument("--demo-size", type=int, help="number of images of the demo source (default: 1500)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    layers = commands.add_parser(
+        "layers", help="list a model's modules with their output shapes",
+        description="List every named module with its output shape (C, H, W) at the model's input size, "
+        "to choose --layer. The default layer is marked with *.",
+    )
+    layers.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or TorchScript file (default: "
+                        f"{DEFAULT_MODEL})")
+    layers.add_argument("--weights", default="none",
+                        help="weights do not change shapes, so none are loaded unless you pass a file")
+    layers.add_argument("--image-size", type=int, help="input side in pixels (default: the model's own)")
+    layers.add_argument("--all", action="store_true", help="also list modules whose output is not a feature map")
+
+    info = commands.add_parser("info", help="print a cache's manifest and counts",
+                               description="Print the manifest of a cache folder and its image counts.")
+    info.add_argument("cache", type=Path, help="cache folder")
+    info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return parser
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from cache_builder.build import BuildOptions, build_cache
+    from cache_builder.sources import SourceOptions, parse_source
+
+    source_options = SourceOptions(multilabel=tuple(args.multilabel), sep=args.sep,
+                                   allow_outside=args.allow_outside, demo_size=args.demo_size)
+    sources = [parse_source(spec, source_options) for spec in args.source]
+    options = BuildOptions(model=args.model, layer=args.layer, weights=args.weights, image_size=args.image_size,
+                           batch_size=args.batch_size, device=args.device, workers=args.workers,
+                           overwrite=args.overwrite, limit=args.limit)
+    progress = None if args.quiet else _TqdmProgress()
+    try:
+        manifest = build_cache(sources, args.out, options, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(f"cache complete: {args.out} ({manifest.image_count} images, grid {manifest.grid}, "
+          f"{len(manifest.skipped)} skipped)")
+    for skipped in manifest.skipped[:20]:
+        print(f"  skipped {skipped['path']}: {skipped['reason']}")
+    return 0
+
+
+class _TqdmProgress:
+    """tqdm shows images/s and the ETA; created lazily so a finished cache prints no empty bar."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=0, unit="img", desc="extracting", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    from cache_builder.models import list_layers, load_model
+
+    model = load_model(args.model, weights=args.weights, image_size=args.image_size)
+    print(f"{args.model}: input {model.preprocessing.input_size}x{model.preprocessing.input_size}; "
+          "* marks the default layer")
+    for layer in list_layers(model):
+        if len(layer.shape) != 3 and not args.all:
+            continue
+        mark = "*" if layer.name == model.default_layer else " "
+        shape = "x".join(str(d) for d in layer.shape)
+        print(f"{mark} {layer.name:<40} {layer.kind:<28} {shape}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from dashboard.feature_cache import FeatureCache
+
+    cache = FeatureCache.open(args.cache)
+    manifest = cache.manifest
+    if args.json:
+        print(manifest.to_json())
+        return 0
+    h, w, c = manifest.grid
+    print(f"cache       {args.cache}")
+    print(f"status      {manifest.status} (format v{manifest.format_version}, built {manifest.created})")
+    print(f"model       {manifest.model} ({manifest.weights_source})")
+    print(f"layer       {manifest.layer}: grid {h}x{w}, {c} channels, {manifest.dtype}")
+    print(f"images      {manifest.image_count} cached, {len(manifest.skipped)} skipped")
+    for source in manifest.sources:
+        print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
+    for column, counts in cache.metadata.column_summaries(limit=5).items():
+        print(f"column      {column}: {counts}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    handlers = {"build": run_build, "layers": run_layers, "info": run_info}
+    try:
+        return handlers[args.command](args)
+    except (BuildError, CacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Write the `images` table of metadata.duckdb: row `id` of the table is row `id` of the feature arrays."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from cache_builder.sources import Source, SourceItem
+from dashboard import cache_format as fmt
+from dashboard.sql import quote_identifier
+
+
+def metadata_frame(rows: list[tuple[Source, SourceItem]]) -> pd.DataFrame:
+    """One typed column per metadata field; lists stay lists (stored as VARCHAR[])."""
+    records: list[dict[str, Any]] = []
+    for image_id, (source, item) in enumerate(rows):
+        record: dict[str, Any] = {"id": image_id, "path": item.path, "source": source.spec}
+        record["domain"] = source.domain if source.domain is not None else item.metadata.get("domain")
+        record.update({k: v for k, v in item.metadata.items() if k not in record})
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    list_columns = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, list)).any()]
+    plain = [c for c in frame.columns if c not in list_columns]
+    frame[plain] = frame[plain].convert_dtypes()
+    for column in list_columns:
+        frame[column] = frame[column].map(lambda v: [str(x) for x in v] if isinstance(v, list) else [])
+    frame.attrs["list_columns"] = list_columns
+    return frame
+
+
+def write_metadata(path: Path, rows: list[tuple[Source, SourceItem]]) -> None:
+    write_metadata_frame(path, metadata_frame(rows))
+
+
+def write_metadata_frame(path: Path, frame: pd.DataFrame) -> None:
+    """Written to a temporary file and renamed, so a reader never sees a half-written table."""
+    list_columns = frame.attrs.get("list_columns") or [
+        c for c in frame.columns if frame[c].map(lambda v: isinstance(v, list)).any()
+    ]
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.unlink(missing_ok=True)
+    casts = ", ".join(
+        f"CAST({quote_identifier(c)} AS VARCHAR[]) AS {quote_identifier(c)}" if c in list_columns
+        else quote_identifier(c)
+        for c in frame.columns
+    )
+    with duckdb.connect(str(tmp)) as con:
+        con.register("frame", frame)
+        con.execute(f"CREATE TABLE {fmt.METADATA_TABLE} AS SELECT {casts} FROM frame ORDER BY id")
+        con.unregister("frame")
+    os.replace(tmp, path)

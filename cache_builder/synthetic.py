@@ -1,0 +1,70 @@
+"""Caches written straight from arrays, through the same writer code as real builds.
+
+Tests and benchmarks need caches of known content (tiny ones, and 100,000-image ones) without running a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from cache_builder import __version__
+from cache_builder.metadata_writer import write_metadata_frame
+from dashboard import cache_format as fmt
+
+ChunkFn = Callable[[int, int], np.ndarray]
+
+
+def write_array_cache(
+    out: Path,
+    features: np.ndarray | ChunkFn,
+    n: int | None = None,
+    metadata: pd.DataFrame | None = None,
+    input_size: int = 224,
+    images: np.ndarray | None = None,
+    model: str = "synthetic",
+    layer: str = "synthetic",
+    chunk: int = 2048,
+) -> fmt.Manifest:
+    """Write a complete cache. `features` is (N, H, W, C) float, or `fn(start, stop)` returning such rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if callable(features):
+        if n is None:
+            raise ValueError("n is required when features come from a function")
+        rows_of = features
+    else:
+        n = len(features)
+        rows_of = lambda start, stop: features[start:stop]  # noqa: E731
+    first = np.asarray(rows_of(0, min(n, 1)))
+    _, h, w, c = first.shape
+    stored = np.lib.format.open_memmap(out / fmt.FEATURES_FILE, mode="w+", dtype=np.uint16, shape=(n, h, w, c))
+    sqnorms = np.lib.format.open_memmap(out / fmt.SQNORMS_FILE, mode="w+", dtype=np.float32, shape=(n, h, w))
+    for start in range(0, n, chunk):
+        block = torch.from_numpy(np.ascontiguousarray(rows_of(start, min(n, start + chunk)), dtype=np.float32))
+        stored[start:start + len(block)], sqnorms[start:start + len(block)] = fmt.encode_features(block)
+    stored.flush()
+    sqnorms.flush()
+    del stored, sqnorms
+    frame = pd.DataFrame({"id": np.arange(n), "path": [f"synthetic/{i:07d}.png" for i in range(n)]})
+    if metadata is not None:
+        frame = pd.concat([frame, metadata.reset_index(drop=True).drop(columns=["id", "path"], errors="ignore")],
+                          axis=1)
+    write_metadata_frame(out / fmt.METADATA_FILE, frame)
+    for image_id in range(n if images is not None else 0):
+        target = out / fmt.image_relpath(image_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[image_id]).save(target, quality=95)
+    manifest = fmt.Manifest(
+        model=model, layer=layer, weights_source="synthetic", weights_sha256=None,
+        preprocessing={"input_size": input_size}, input_size=input_size, grid=(h, w, c), image_count=n,
+        sources=[{"spec": "synthetic", "kind": "synthetic", "domain": None, "images": n}],
+        builder_version=__version__, status=fmt.STATUS_COMPLETE,
+    )
+    fmt.write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,1 @@
+"""Library code behind the Streamlit app: cache reading, region search, metadata queries, rendering."""

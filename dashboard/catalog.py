@@ -1,0 +1,41 @@
+"""Where caches live and which ones exist: the folder comes from the environment, config or a default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dashboard import cache_format as fmt
+
+CACHES_ENV = "VFS_CACHES_DIR"
+DEFAULT_CACHES_DIR = Path("caches")
+DEMO_CACHE_NAME = "demo"
+
+
+def caches_dir(configured: str | None = None) -> Path:
+    """$VFS_CACHES_DIR, else the configured folder (secrets/config), else ./caches."""
+    return Path(os.environ.get(CACHES_ENV) or configured or DEFAULT_CACHES_DIR).expanduser()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    name: str
+    path: Path
+    manifest: fmt.Manifest | None
+    problem: str | None  # why it cannot be opened, shown instead of hiding the folder
+
+
+def find_caches(root: Path) -> list[CacheEntry]:
+    """Every direct subfolder holding a manifest, usable or not, sorted by name."""
+    entries = []
+    if not root.is_dir():
+        return entries
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / fmt.MANIFEST_FILE).is_file()):
+        try:
+            manifest = fmt.read_manifest(folder)
+            fmt.check_manifest(manifest, folder)
+            entries.append(CacheEntry(folder.name, folder, manifest, None))
+        except fmt.CacheError as exc:
+            entries.append(CacheEntry(folder.name, folder, None, str(exc)))
+    return entries

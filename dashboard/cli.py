@@ -1,0 +1,106 @@
+"""`python -m dashboard search`: region search for scripts and batch studies, without the UI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dashboard import export
+from dashboard.cache_format import CacheError
+from dashboard.feature_cache import FeatureCache
+from dashboard.metadata import FilterError, MetadataFilter
+from dashboard.search import QueryError, box_mask, query_from_mask, search_cache
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dashboard", description="Search a feature cache by region.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    search = commands.add_parser(
+        "search", help="rank the cache's images by their best match to a region of a query image",
+        description="Rank the images of CACHE_DIR by their best-matching window for a region of a query image. "
+        "Box and mask are in the display pixels of the cached image (the model's input size).",
+    )
+    search.add_argument("cache", type=Path, metavar="CACHE_DIR", help="cache folder")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image-id", type=int, help="query with a cached image (no model run)")
+    query.add_argument("--image", type=Path, help="query with an image file (encoded with the cache's model)")
+    region = search.add_mutually_exclusive_group(required=True)
+    region.add_argument("--box", help="X0,Y0,X1,Y1 in display pixels")
+    region.add_argument("--mask", type=Path, help="PNG at display size: alpha > 0 (RGBA) or brightness = weight")
+    search.add_argument("-k", type=int, default=20, help="number of hits (default: 20)")
+    search.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="only search images whose COLUMN equals VALUE (list columns: contains VALUE); "
+                        "repeat a column to allow several values")
+    search.add_argument("--exclude-query", action="store_true", help="leave the query image out of the hits")
+    search.add_argument("--per", metavar="GROUP_COLUMN", help="keep only the best image per value of this column")
+    search.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default: csv)")
+    return parser
+
+
+def parse_filters(pairs: Sequence[str], store) -> MetadataFilter:
+    equals: dict[str, list[str]] = {}
+    contains: dict[str, list[str]] = {}
+    for pair in pairs:
+        column, sep, value = pair.partition("=")
+        if not sep or not column:
+            raise FilterError(f"--filter {pair!r}: expected COLUMN=VALUE")
+        if column not in store.column_types:
+            raise FilterError(f"--filter {pair!r}: no column '{column}'; columns: {', '.join(store.columns)}")
+        (contains if store.is_list(column) else equals).setdefault(column, []).append(value)
+    return MetadataFilter(equals=equals, contains_any=contains)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA", "PA"):
+                return np.asarray(image.convert("RGBA"))[..., 3] > 0
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise QueryError(f"--mask {path}: not a readable image ({exc})") from None
+
+
+def run_search(args: argparse.Namespace) -> int:
+    cache = FeatureCache.open(args.cache)
+    size = cache.input_size
+    if args.image_id is not None:
+        features = cache.image_features(args.image_id)
+    else:
+        from dashboard.query_encoder import encode_image
+        from dashboard.uploads import read_upload
+
+        _, features = encode_image(cache.manifest, read_upload(args.image.read_bytes(), name=str(args.image)))
+    if args.box:
+        try:
+            box = [float(v) for v in args.box.split(",")]
+        except ValueError:
+            raise QueryError(f"--box {args.box!r}: expected four numbers X0,Y0,X1,Y1") from None
+        mask = box_mask(size, box)
+    else:
+        mask = read_mask(args.mask)
+    query = query_from_mask(features, mask, size)
+    if args.exclude_query and args.image_id is None:
+        raise QueryError("--exclude-query needs --image-id (an uploaded image is not in the cache)")
+    result = search_cache(
+        cache, query, k=args.k, flt=parse_filters(args.filter, cache.metadata),
+        exclude_id=args.image_id if args.exclude_query else None, per_group=args.per,
+    )
+    sys.stdout.write(export.to_csv(result.hits) if args.format == "csv" else export.to_json(result.hits) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return run_search(args)
+    except (CacheError, QueryError, FilterError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2

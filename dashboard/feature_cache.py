@@ -1,0 +1,98 @@
+"""Open a cache once, check it against its manifest, and hand out zero-copy views of its arrays.
+
+The feature array is memory-mapped: opening a 10 GB cache costs no RAM up front, pages are shared by every
+session of the process (and by every process on the machine), and the OS evicts them under pressure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dashboard import cache_format as fmt
+from dashboard.cache_format import CacheError, Manifest
+from dashboard.metadata import MetadataStore
+
+
+@dataclass
+class FeatureCache:
+    path: Path
+    manifest: Manifest
+    features_bits: np.ndarray  # (N, H, W, C) uint16 memmap: bfloat16 bit patterns
+    sqnorms: np.ndarray  # (N, H, W) float32 memmap
+    metadata: MetadataStore
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureCache":
+        path = Path(path)
+        manifest = fmt.read_manifest(path)
+        fmt.check_manifest(manifest, path)
+        n = manifest.image_count
+        h, w, c = manifest.grid
+        features = _load_array(path / fmt.FEATURES_FILE, np.uint16, (n, h, w, c))
+        sqnorms = _load_array(path / fmt.SQNORMS_FILE, np.float32, (n, h, w))
+        metadata = MetadataStore(path / fmt.METADATA_FILE)
+        if not metadata.id_range_ok(n):
+            metadata.close()
+            raise CacheError(
+                f"{path}: metadata.duckdb does not hold exactly one row per cached image (ids 0..{n - 1}); "
+                "rebuild the cache"
+            )
+        return cls(path=path, manifest=manifest, features_bits=features, sqnorms=sqnorms, metadata=metadata)
+
+    @property
+    def size(self) -> int:
+        return self.manifest.image_count
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.manifest.grid
+
+    @property
+    def input_size(self) -> int:
+        return self.manifest.input_size
+
+    def features(self) -> torch.Tensor:
+        """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write through it
+            return torch.from_numpy(self.features_bits).view(torch.bfloat16)
+
+    def image_features(self, image_id: int) -> np.ndarray:
+        """(H, W, C) float32 features of one cached image: a query that needs no model run."""
+        self.check_id(image_id)
+        bits = torch.from_numpy(np.array(self.features_bits[image_id]))
+        return bits.view(torch.bfloat16).float().numpy()
+
+    def check_id(self, image_id: int) -> int:
+        if not isinstance(image_id, (int, np.integer)) or not 0 <= int(image_id) < self.size:
+            raise CacheError(f"image id {image_id!r} is not in this cache (0..{self.size - 1})")
+        return int(image_id)
+
+    def image_file(self, image_id: int) -> Path:
+        """Only ids of this cache map to files, so no request can name a path of its own."""
+        return self.path / fmt.image_relpath(self.check_id(image_id))
+
+    def load_image(self, image_id: int) -> Image.Image:
+        with Image.open(self.image_file(image_id)) as image:
+            return image.convert("RGB")
+
+
+def _load_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise CacheError(f"{path.parent}: {path.name} is missing; rebuild the cache")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise CacheError(f"{path} is unreadable or truncated ({exc}); rebuild the cache") from None
+    if array.dtype != np.dtype(dtype) or array.shape != shape:
+        raise CacheError(
+            f"{path} holds {array.dtype} {array.shape} but the manifest says {np.dtype(dtype)} {shape}; "
+            "the cache was modified or is incomplete, rebuild it"
+        )
+    return array

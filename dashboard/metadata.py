@@ -1,0 +1,185 @@
+"""Metadata queries: every read of metadata.duckdb goes through `MetadataStore`.
+
+Filters are a dataclass turned into SQL here, with column names checked against the table and quoted, and
+every value bound as a parameter: a filter value never becomes SQL text.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from dashboard.cache_format import METADATA_TABLE, CacheError
+from dashboard.sql import quote_identifier
+
+LIST_TYPE_SUFFIX = "[]"
+
+
+class FilterError(ValueError):
+    """A filter that names an unknown column or a value of the wrong type; the message says which."""
+
+
+@dataclass(frozen=True)
+class MetadataFilter:
+    """Conditions ANDed together. `equals`: column IN values; `ranges`: lo <= column <= hi (None = open);
+    `contains_any`: a list column holds at least one of the values."""
+
+    equals: dict[str, Sequence[Any]] = field(default_factory=dict)
+    ranges: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    contains_any: dict[str, Sequence[Any]] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not (self.equals or self.ranges or self.contains_any)
+
+
+class MetadataStore:
+    """Read-only view of the `images` table; safe to share between threads (one cursor per query)."""
+
+    def __init__(self, path: Path):
+        try:
+            self._con = duckdb.connect(str(path), read_only=True)
+            described = self._con.execute(f"DESCRIBE {METADATA_TABLE}").fetchall()
+        except duckdb.Error as exc:
+            raise CacheError(f"{path} has no readable `{METADATA_TABLE}` table: {exc}".splitlines()[0]) from None
+        self.column_types: dict[str, str] = {row[0]: row[1] for row in described}
+        for required in ("id", "path"):
+            if required not in self.column_types:
+                raise CacheError(f"{path}: table `{METADATA_TABLE}` has no `{required}` column")
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            cursor = self._con.cursor()
+        return cursor.execute(sql, list(params))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.column_types)
+
+    def is_list(self, column: str) -> bool:
+        return self.column_types[column].endswith(LIST_TYPE_SUFFIX)
+
+    def is_numeric(self, column: str) -> bool:
+        kind = self.column_types[column]
+        return any(kind.startswith(t) for t in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT",
+                                                 "DOUBLE", "DECIMAL", "UTINYINT", "USMALLINT", "UINTEGER",
+                                                 "UBIGINT"))
+
+    def is_temporal(self, column: str) -> bool:
+        return self.column_types[column].startswith(("DATE", "TIMESTAMP", "TIME"))
+
+    def count(self) -> int:
+        return int(self._query(f"SELECT count(*) FROM {METADATA_TABLE}").fetchone()[0])
+
+    def id_range_ok(self, n: int) -> bool:
+        row = self._query(f"SELECT count(*), min(id), max(id), count(DISTINCT id) FROM {METADATA_TABLE}").fetchone()
+        return row == (n, 0, n - 1, n) if n else row[0] == 0
+
+    def _check_column(self, column: str) -> str:
+        if column not in self.column_types:
+            raise FilterError(f"no metadata column '{column}'; columns: {', '.join(self.columns)}")
+        return quote_identifier(column)
+
+    def where_clause(self, flt: MetadataFilter) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, values in flt.equals.items():
+            ident = self._check_column(column)
+            values = list(values)
+            if not values:
+                clauses.append("FALSE")
+                continue
+            if self.is_list(column):
+                clauses.append(f"list_has_any({ident}, ?::VARCHAR[])")
+                params.append([str(v) for v in values])
+                continue
+            nulls = any(v is None for v in values)
+            present = [v for v in values if v is not None]
+            parts = []
+            if present:
+                parts.append(f"{ident} IN ({', '.join('?' for _ in present)})")
+                params.extend(present)
+            if nulls:
+                parts.append(f"{ident} IS NULL")
+            clauses.append("(" + " OR ".join(parts) + ")")
+        for column, (lo, hi) in flt.ranges.items():
+            ident = self._check_column(column)
+            if lo is not None:
+                clauses.append(f"{ident} >= ?")
+                params.append(lo)
+            if hi is not None:
+                clauses.append(f"{ident} <= ?")
+                params.append(hi)
+        for column, values in flt.contains_any.items():
+            ident = self._check_column(column)
+            if not self.is_list(column):
+                raise FilterError(f"'{column}' is not a list column; use an equality filter")
+            clauses.append(f"list_has_any({ident}, ?::VARCHAR[])")
+            params.append([str(v) for v in values])
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def filter_ids(self, flt: MetadataFilter | None) -> np.ndarray:
+        """Sorted ids of the rows that pass the filter (all ids for no filter)."""
+        where, params = self.where_clause(flt or MetadataFilter())
+        try:
+            rows = self._query(f"SELECT id FROM {METADATA_TABLE}{where} ORDER BY id", params).fetchnumpy()
+        except (duckdb.ConversionException, duckdb.BinderException, duckdb.InvalidInputException) as exc:
+            raise FilterError(f"a filter value does not fit its column's type: {exc}".splitlines()[0]) from None
+        return np.asarray(rows["id"], dtype=np.int64)
+
+    def rows(self, ids: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows for `ids` in the order given (all rows when None)."""
+        selected = ", ".join(self._check_column(c) for c in (columns or self.columns))
+        if ids is None:
+            return self._query(f"SELECT {selected} FROM {METADATA_TABLE} ORDER BY id").df()
+        id_list = [int(i) for i in ids]
+        if not id_list:
+            return self._query(f"SELECT {selected} FROM {METADATA_TABLE} LIMIT 0").df()
+        frame = self._query(
+            f"SELECT t.* FROM (SELECT {selected}, id AS __id FROM {METADATA_TABLE}) t "
+            "JOIN (SELECT unnest(?::BIGINT[]) AS __want, generate_subscripts(?::BIGINT[], 1) AS __pos) w "
+            "ON t.__id = w.__want ORDER BY w.__pos",
+            [id_list, id_list],
+        ).df()
+        return frame.drop(columns=["__id"]).reset_index(drop=True)
+
+    def distinct_values(self, column: str, limit: int = 200) -> list[Any]:
+        ident = self._check_column(column)
+        if self.is_list(column):
+            sql = f"SELECT DISTINCT unnest({ident}) AS v FROM {METADATA_TABLE} ORDER BY v LIMIT ?"
+        else:
+            sql = f"SELECT DISTINCT {ident} AS v FROM {METADATA_TABLE} ORDER BY v NULLS LAST LIMIT ?"
+        return [row[0] for row in self._query(sql, [limit]).fetchall()]
+
+    def value_range(self, column: str) -> tuple[Any, Any]:
+        ident = self._check_column(column)
+        return tuple(self._query(f"SELECT min({ident}), max({ident}) FROM {METADATA_TABLE}").fetchone())
+
+    def column_summaries(self, limit: int = 5) -> dict[str, str]:
+        """For `info`: the most frequent values of each column, or the range of numeric/temporal ones."""
+        summary = {}
+        for column in self.columns:
+            if column in ("id", "path"):
+                continue
+            if self.is_numeric(column) or self.is_temporal(column):
+                lo, hi = self.value_range(column)
+                summary[column] = f"{self.column_types[column]} from {lo} to {hi}"
+                continue
+            ident = quote_identifier(column)
+            source = f"unnest({ident})" if self.is_list(column) else ident
+            rows = self._query(
+                f"SELECT v, count(*) AS n FROM (SELECT {source} AS v FROM {METADATA_TABLE}) "
+                "GROUP BY v ORDER BY n DESC, v LIMIT ?", [limit]
+            ).fetchall()
+            shown = ", ".join(f"{v}={n}" for v, n in rows)
+            summary[column] = f"{self.column_types[column]}: {shown}"
+        return summary
+
+    def close(self) -> None:
+        self._con.close()

@@ -1,0 +1,60 @@
+"""Turn untrusted bytes into an upright RGB image, or a clear message; uploads never touch the disk."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_PIXELS = 50_000_000  # well above any photo, well below a decompression bomb
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+
+
+class UploadError(ValueError):
+    """An upload that cannot be used as a query image; the message is shown to the user as is."""
+
+
+def read_upload(data: bytes, name: str = "upload", max_bytes: int = MAX_UPLOAD_BYTES,
+                max_pixels: int = MAX_PIXELS) -> Image.Image:
+    if not data:
+        raise UploadError(f"{name} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise UploadError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in ALLOWED_FORMATS:
+                    raise UploadError(f"{name} is a {image.format} file; upload a JPEG, PNG or WebP image")
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise UploadError(f"{name} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit")
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+    except UploadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(f"{name} is too large to decode safely (decompression bomb protection)") from None
+    except UnidentifiedImageError:
+        raise UploadError(f"{name} is not an image Pillow can read; upload a JPEG, PNG or WebP image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UploadError(f"{name} is damaged or truncated ({exc})") from None
+    return to_rgb(upright)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any mode: alpha is composited on white, 16-bit and float images are rescaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(values)
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

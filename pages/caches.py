@@ -1,0 +1,38 @@
+"""Caches page: every cache found, its manifest, a few of its images, and how to build another."""
+
+import streamlit as st
+
+from dashboard import catalog, ui
+
+st.title("Caches")
+root = ui.caches_root()
+entries = catalog.find_caches(root)
+st.caption(f"Caches folder: `{root}` (set `VFS_CACHES_DIR` to use another)")
+if not entries:
+    st.warning("No cache found. Build one with `python -m cache_builder build --source demo --out caches/demo`.")
+
+for entry in entries:
+    with st.container(border=True):
+        st.subheader(entry.name)
+        if entry.problem:
+            st.error(entry.problem)
+            continue
+        manifest = entry.manifest
+        h, w, c = manifest.grid
+        cols = st.columns(4)
+        cols[0].metric("Images", f"{manifest.image_count:,}")
+        cols[1].metric("Model", manifest.model)
+        cols[2].metric("Layer", manifest.layer)
+        cols[3].metric("Feature grid", f"{h}x{w}x{c}")
+        st.caption(f"Built {manifest.created} · weights: {manifest.weights_source} · "
+                   f"{len(manifest.skipped)} skipped files")
+        cache = ui.load_cache(entry.path)
+        sample = list(range(min(8, cache.size)))
+        st.image([str(cache.image_file(i)) for i in sample], width=120,
+                 caption=[str(p) for p in cache.metadata.rows(sample, ["path"])["path"]])
+        with st.expander("Manifest"):
+            st.code(manifest.to_json(), language="json")
+
+st.subheader("Build another cache")
+st.code("python -m cache_builder build --source folder:/data/val@in --source folder:/data/sketch@out "
+        "--out caches/my-cache", language="bash")

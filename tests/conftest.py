@@ -1,0 +1,46 @@
+"""Fixtures build tiny caches through the real writer, in temporary folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cache_builder.synthetic import write_array_cache
+from dashboard.feature_cache import FeatureCache
+
+
+def reference_scores(features: np.ndarray, query: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The formula in float64, window by window: (N, H-h+1, W-w+1) scores. Kept naive on purpose."""
+    n, grid_h, grid_w, _ = features.shape
+    h, w = weights.shape
+    wq = (weights[..., None] * query).astype(np.float64)
+    q_norm = np.sqrt((wq ** 2).sum())
+    out = np.zeros((n, grid_h - h + 1, grid_w - w + 1))
+    for y in range(grid_h - h + 1):
+        for x in range(grid_w - w + 1):
+            window = weights[None, ..., None] * features[:, y:y + h, x:x + w].astype(np.float64)
+            numerator = (window * wq[None]).sum(axis=(1, 2, 3))
+            denominator = np.sqrt((window ** 2).sum(axis=(1, 2, 3))) * q_norm
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[:, y, x] = np.where(denominator > 0, numerator / denominator, 0.0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory) -> FeatureCache:
+    """40 images, 5x6 grid, 16 channels, with typed metadata including a list column."""
+    rng = np.random.default_rng(7)
+    n = 40
+    features = np.maximum(rng.normal(size=(n, 5, 6, 16)), 0).astype(np.float32)
+    metadata = pd.DataFrame({
+        "label": [["cat", "dog", "owl"][i % 3] for i in range(n)],
+        "domain": ["in" if i < 25 else "out" for i in range(n)],
+        "location": [f"loc{i % 5}" for i in range(n)],
+        "age": [float(20 + i) for i in range(n)],
+        "diagnoses": [["a", "b"] if i % 4 == 0 else (["b"] if i % 4 == 1 else []) for i in range(n)],
+    })
+    images = rng.integers(0, 255, size=(n, 48, 48, 3), dtype=np.uint8)
+    out = tmp_path_factory.mktemp("small_cache")
+    write_array_cache(out, features, metadata=metadata, input_size=48, images=images)
+    return FeatureCache.open(out)

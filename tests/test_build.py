@@ -1,0 +1,216 @@
+"""Builds through the real pipeline (EfficientNet-Lite0 at a small input size, so each build takes seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from cache_builder.build import STATE_FILE, BuildOptions, build_cache
+from cache_builder.errors import BuildError
+from cache_builder.sources import SourceOptions, parse_source
+from dashboard import cache_format as fmt
+from dashboard.feature_cache import FeatureCache
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(model="efficientnet_lite0", image_size=96, batch_size=4, workers=0)
+
+
+def make_dataset(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        for i in range(5):
+            pixels = rng.integers(0, 255, size=(50 + i, 70, 3), dtype=np.uint8)
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    (root / "cat" / "corrupt.jpg").write_bytes(b"definitely not a jpeg")
+    good = (root / "dog" / "0.png").read_bytes()
+    (root / "dog" / "truncated.png").write_bytes(good[: len(good) // 3])
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="module")
+def built_sources(dataset, tmp_path_factory) -> list:
+    csv_root = tmp_path_factory.mktemp("csv")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(csv_root / "g.png")
+    Image.new("L", (80, 60), 128).save(csv_root / "gray.png")
+    (csv_root / "m.csv").write_text(
+        "path,age,taken,diagnoses\ng.png,61,2024-01-02,Effusion|Mass\ngray.png,,2024-02-03,No Finding\n"
+    )
+    return [
+        parse_source(f"folder:{dataset}@in"),
+        parse_source(f"csv:{csv_root / 'm.csv'}@out", SourceOptions(multilabel=("diagnoses",))),
+    ]
+
+
+@pytest.fixture(scope="module")
+def built(built_sources, tmp_path_factory) -> tuple[Path, fmt.Manifest]:
+    out = tmp_path_factory.mktemp("cache")
+    return out, build_cache(built_sources, out, BuildOptions(**SMALL))
+
+
+def test_manifest_describes_the_cache(built):
+    out, manifest = built
+    assert manifest.status == fmt.STATUS_COMPLETE
+    assert manifest.image_count == 12 and manifest.grid == (3, 3, 320)
+    assert manifest.model == "efficientnet_lite0" and manifest.layer == "blocks.6"
+    assert manifest.weights_sha256 and manifest.preprocessing["input_size"] == 96
+    assert {s["domain"] for s in manifest.sources} == {"in", "out"}
+    assert {"read_s", "model_s", "write_s", "total_s"} <= set(manifest.timings)
+    assert not (out / STATE_FILE).exists()
+
+
+def test_unreadable_files_are_skipped_and_listed(built):
+    out, manifest = built
+    assert sorted(s["path"] for s in manifest.skipped) == ["cat/corrupt.jpg", "dog/truncated.png"]
+    assert all(s["reason"] for s in manifest.skipped)
+    paths = duckdb.connect(str(out / fmt.METADATA_FILE), read_only=True).execute(
+        "SELECT path FROM images ORDER BY id").fetchall()
+    assert ("cat/corrupt.jpg",) not in paths and len(paths) == 12
+
+
+def test_metadata_columns_are_typed(built):
+    out, _ = built
+    con = duckdb.connect(str(out / fmt.METADATA_FILE), read_only=True)
+    types = {name: kind for name, kind, *_ in con.execute("DESCRIBE images").fetchall()}
+    assert types["id"] == "BIGINT" and types["path"] == "VARCHAR"
+    assert types["domain"] == "VARCHAR" and types["source"] == "VARCHAR" and types["label"] == "VARCHAR"
+    assert types["age"] == "BIGINT" and types["taken"].startswith("TIMESTAMP")
+    assert types["diagnoses"] == "VARCHAR[]"
+    rows = con.execute("SELECT domain, label, diagnoses FROM images WHERE path = 'g.png'").fetchone()
+    assert rows == ("out", None, ["Effusion", "Mass"])
+    assert con.execute("SELECT count(*) FROM images WHERE domain = 'in' AND label = 'cat'").fetchone()[0] == 5
+
+
+def test_arrays_and_images_line_up_with_ids(built):
+    out, manifest = built
+    cache = FeatureCache.open(out)
+    assert cache.features().shape == (12, 3, 3, 320)
+    recomputed = cache.features().float().square().sum(-1).numpy()
+    np.testing.assert_allclose(cache.sqnorms, recomputed, rtol=1e-5)
+    for image_id in range(cache.size):
+        assert cache.load_image(image_id).size == (96, 96)
+    gray = int(cache.metadata.filter_ids(None)[-1])
+    assert np.ptp(np.asarray(cache.load_image(gray)), axis=2).max() <= 8  # grayscale stays gray in RGB
+
+
+def test_rerunning_a_complete_build_does_nothing(built, built_sources):
+    out, manifest = built
+    before = (out / fmt.FEATURES_FILE).stat().st_mtime_ns
+    again = build_cache(built_sources, out, BuildOptions(**SMALL))
+    assert again.created == manifest.created
+    assert (out / fmt.FEATURES_FILE).stat().st_mtime_ns == before
+
+
+def test_different_cache_in_output_folder_is_refused(built, dataset):
+    out, _ = built
+    with pytest.raises(BuildError, match="--overwrite"):
+        build_cache([parse_source(f"folder:{dataset}")], out, BuildOptions(**SMALL))
+
+
+def test_non_cache_folder_is_refused(tmp_path, dataset):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(BuildError, match="not empty"):
+        build_cache([parse_source(f"folder:{dataset}")], tmp_path, BuildOptions(**SMALL, overwrite=True))
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_overwrite_replaces_a_cache(tmp_path, dataset):
+    build_cache([parse_source(f"folder:{dataset / 'cat'}")], tmp_path, BuildOptions(**SMALL))
+    manifest = build_cache([parse_source(f"folder:{dataset / 'dog'}")], tmp_path,
+                           BuildOptions(**SMALL, overwrite=True))
+    assert manifest.image_count == 5 and FeatureCache.open(tmp_path).size == 5
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_build_resumes_to_identical_arrays(tmp_path):
+    sources = [parse_source("demo", SourceOptions(demo_size=24))]
+    clean = tmp_path / "clean"
+    build_cache(sources, clean, BuildOptions(**SMALL))
+
+    resumed = tmp_path / "resumed"
+
+    def stop_after_two_batches(done: int, total: int) -> None:
+        if done >= 8:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_cache(sources, resumed, BuildOptions(**SMALL), on_progress=stop_after_two_batches)
+    assert fmt.read_manifest(resumed).status == fmt.STATUS_BUILDING
+    with pytest.raises(fmt.CacheError, match="not complete"):
+        FeatureCache.open(resumed)
+    seen = []
+    build_cache(sources, resumed, BuildOptions(**SMALL), on_progress=lambda d, t: seen.append(d))
+    assert seen[0] == 12  # continued after the two committed batches
+    assert_same_cache(clean, resumed)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    for name in (fmt.FEATURES_FILE, fmt.SQNORMS_FILE):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for image_id in range(fmt.read_manifest(a).image_count):
+        assert (a / fmt.image_relpath(image_id)).read_bytes() == (b / fmt.image_relpath(image_id)).read_bytes()
+
+
+def test_build_killed_with_sigkill_resumes_to_identical_arrays(tmp_path):
+    args = [sys.executable, "-m", "cache_builder", "build", "--source", "demo", "--demo-size", "48",
+            "--image-size", "96", "--batch-size", "4", "--workers", "0", "--quiet"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(args + ["--out", str(clean)], cwd=ROOT, check=True, capture_output=True)
+
+    process = subprocess.Popen(args + ["--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            state = killed / STATE_FILE
+            try:
+                if json.loads(state.read_text())["done"] >= 12:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert fmt.read_manifest(killed).status == fmt.STATUS_BUILDING
+    subprocess.run(args + ["--out", str(killed)], cwd=ROOT, check=True, capture_output=True)
+    assert fmt.read_manifest(killed).status == fmt.STATUS_COMPLETE
+    assert_same_cache(clean, killed)
+
+
+def test_all_images_unreadable_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"nope")
+    with pytest.raises(BuildError, match="every image failed"):
+        build_cache([parse_source(f"folder:{data}")], tmp_path / "out", BuildOptions(**SMALL))
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_must_be_positive(tmp_path, dataset, limit):
+    with pytest.raises(BuildError, match="--limit"):
+        build_cache([parse_source(f"folder:{dataset}")], tmp_path, BuildOptions(**SMALL, limit=limit))
+
+
+def test_limit_keeps_the_first_images(tmp_path, dataset):
+    manifest = build_cache([parse_source(f"folder:{dataset}")], tmp_path, BuildOptions(**SMALL, limit=3))
+    assert manifest.image_count == 3

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dashboard.metadata import FilterError, MetadataFilter
+
+
+def test_equality_filter(small_cache):
+    ids = small_cache.metadata.filter_ids(MetadataFilter(equals={"label": ["cat", "owl"]}))
+    assert list(ids) == [i for i in range(40) if i % 3 in (0, 2)]
+
+
+def test_range_and_list_filters(small_cache):
+    store = small_cache.metadata
+    ids = store.filter_ids(MetadataFilter(ranges={"age": (30, 35)}))
+    assert list(ids) == list(range(10, 16))
+    ids = store.filter_ids(MetadataFilter(contains_any={"diagnoses": ["a"]}))
+    assert list(ids) == list(range(0, 40, 4))
+    both = store.filter_ids(MetadataFilter(contains_any={"diagnoses": ["a", "b"]}, equals={"domain": ["out"]}))
+    assert list(both) == [i for i in range(25, 40) if i % 4 in (0, 1)]
+
+
+@pytest.mark.parametrize("value", ["'; DROP TABLE images; --", "%", "cat' OR '1'='1", "\"label\""])
+def test_hostile_values_match_literally_and_change_nothing(small_cache, value):
+    store = small_cache.metadata
+    assert len(store.filter_ids(MetadataFilter(equals={"label": [value]}))) == 0
+    assert len(store.filter_ids(MetadataFilter(contains_any={"diagnoses": [value]}))) == 0
+    assert store.count() == 40
+
+
+def test_unknown_or_hostile_column_is_refused(small_cache):
+    with pytest.raises(FilterError, match="no metadata column"):
+        small_cache.metadata.filter_ids(MetadataFilter(equals={'label" = label OR "1': ["x"]}))
+
+
+def test_value_of_the_wrong_type_is_a_clear_error(small_cache):
+    with pytest.raises(FilterError, match="type"):
+        small_cache.metadata.filter_ids(MetadataFilter(ranges={"age": ("old", None)}))
+
+
+def test_rows_come_back_in_the_order_asked(small_cache):
+    rows = small_cache.metadata.rows([7, 2, 30], ["id", "label"])
+    assert list(rows["id"]) == [7, 2, 30] and list(rows["label"]) == ["dog", "owl", "cat"]
+    assert small_cache.metadata.rows([], ["id"]).empty
+
+
+def test_empty_value_list_matches_nothing(small_cache):
+    assert small_cache.metadata.filter_ids(MetadataFilter(equals={"label": []})).size == 0
+    assert np.array_equal(small_cache.metadata.filter_ids(MetadataFilter()), np.arange(40))

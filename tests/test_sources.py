@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cache_builder.errors import BuildError
+from cache_builder.sources import SourceOptions, parse_source, split_domain
+
+
+def save_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("folder:/data/val@in", ("folder:/data/val", "in")),
+    ("folder:/data/val", ("folder:/data/val", None)),
+    ("csv:/data/a@b/manifest.csv", ("csv:/data/a@b/manifest.csv", None)),
+    ("demo@out", ("demo", "out")),
+])
+def test_split_domain(spec, expected):
+    assert split_domain(spec) == expected
+
+
+def test_folder_source_labels_from_first_level(tmp_path):
+    save_image(tmp_path / "cat" / "a.jpg")
+    save_image(tmp_path / "cat" / "deep" / "b.png")
+    save_image(tmp_path / "dog" / "c.webp")
+    save_image(tmp_path / "loose.bmp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = parse_source(f"folder:{tmp_path}@in")
+    assert source.domain == "in"
+    assert [(i.path, i.metadata["label"]) for i in source.items] == [
+        ("loose.bmp", None), ("cat/a.jpg", "cat"), ("cat/deep/b.png", "cat"), ("dog/c.webp", "dog"),
+    ]
+
+
+def test_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(BuildError, match="no images"):
+        parse_source(f"folder:{tmp_path}")
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(BuildError, match="not a folder"):
+        parse_source(f"folder:{tmp_path / 'nope'}")
+
+
+def test_folder_symlink_outside_is_refused_unless_allowed(tmp_path):
+    outside = save_image(tmp_path / "outside" / "secret.png")
+    root = tmp_path / "root"
+    save_image(root / "ok.png")
+    (root / "link.png").symlink_to(outside)
+    with pytest.raises(BuildError, match="outside"):
+        parse_source(f"folder:{root}")
+    items = parse_source(f"folder:{root}", SourceOptions(allow_outside=True)).items
+    assert len(items) == 2
+
+
+def test_csv_source_types_and_multilabel(tmp_path):
+    save_image(tmp_path / "img" / "1.png")
+    save_image(tmp_path / "img" / "2.png")
+    (tmp_path / "m.csv").write_text(
+        "path,age,score,taken,diagnoses,id\n"
+        "img/1.png,61,0.5,2024-01-02,Effusion|Mass,a1\n"
+        "img/2.png,,1.5,2024-03-04 10:00:00,No Finding,a2\n"
+    )
+    source = parse_source(f"csv:{tmp_path / 'm.csv'}@out", SourceOptions(multilabel=("diagnoses",)))
+    first, second = source.items
+    assert first.metadata["diagnoses"] == ["Effusion", "Mass"]
+    assert second.metadata["diagnoses"] == ["No Finding"]
+    assert second.metadata["age"] is None
+    assert isinstance(first.metadata["taken"], pd.Timestamp)
+    assert first.metadata["id_original"] == "a1"  # a user's `id` column may not clash with the row id
+    assert Path(first.file) == (tmp_path / "img" / "1.png").resolve()
+
+
+def test_parquet_manifest(tmp_path):
+    save_image(tmp_path / "x.png")
+    pd.DataFrame({"path": ["x.png"], "label": ["a"], "n": [3]}).to_parquet(tmp_path / "m.parquet")
+    item = parse_source(f"csv:{tmp_path / 'm.parquet'}").items[0]
+    assert item.metadata == {"label": "a", "n": 3}
+
+
+def test_manifest_without_path_column(tmp_path):
+    (tmp_path / "m.csv").write_text("file,label\nx.png,a\n")
+    with pytest.raises(BuildError, match="no 'path' column"):
+        parse_source(f"csv:{tmp_path / 'm.csv'}")
+
+
+@pytest.mark.parametrize("bad, message", [("/etc/passwd", "absolute"), ("../outside.png", "escapes")])
+def test_manifest_paths_may_not_leave_its_folder(tmp_path, bad, message):
+    save_image(tmp_path / "outside.png")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.csv").write_text(f"path\n{bad}\n")
+    with pytest.raises(BuildError, match=message):
+        parse_source(f"csv:{tmp_path / 'data' / 'm.csv'}")
+
+
+def test_manifest_symlink_leading_outside(tmp_path):
+    outside = save_image(tmp_path / "outside.png")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "link.png").symlink_to(outside)
+    (data / "m.csv").write_text("path\nlink.png\n")
+    with pytest.raises(BuildError, match="outside"):
+        parse_source(f"csv:{data / 'm.csv'}")
+    assert parse_source(f"csv:{data / 'm.csv'}", SourceOptions(allow_outside=True)).items
+
+
+def test_unknown_source_kind():
+    with pytest.raises(BuildError, match="unknown source"):
+        parse_source("s3:bucket/x")
+
+
+def test_unknown_multilabel_column(tmp_path):
+    save_image(tmp_path / "x.png")
+    (tmp_path / "m.csv").write_text("path\nx.png\n")
+    with pytest.raises(BuildError, match="--multilabel tags"):
+        parse_source(f"csv:{tmp_path / 'm.csv'}", SourceOptions(multilabel=("tags",)))
+
+
+def test_demo_source_is_deterministic():
+    first = parse_source("demo", SourceOptions(demo_size=30))
+    again = parse_source("demo", SourceOptions(demo_size=30))
+    assert [i.metadata for i in first.items] == [i.metadata for i in again.items]
+    assert len({i.metadata["location"] for i in first.items}) > 3
+    assert np.all([i.demo_index == n for n, i in enumerate(first.items)])
