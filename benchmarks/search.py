@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ SEED = 0
 DATA_TAG = f"bench-synthetic-v1-seed{SEED}"  # change when the generator changes, so stale caches are rebuilt
 WRITE_CHUNK = 2000  # divides REF_N, so every chunk of a large cache comes from one variant of the base block
 CACHE_DIR = ROOT / "benchmarks" / "out" / "caches"
+warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # printed when toggling oneDNN
 
 # targets of the issue
 MIN_SPEEDUP_ALL, MIN_SPEEDUP_SMALL_MASK = 10.0, 50.0
@@ -359,6 +361,10 @@ def print_row(row: Row) -> None:
         + agree)
 
 
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def print_header(args: argparse.Namespace) -> None:
     cpu = platform.processor() or "unknown"
     try:
@@ -367,7 +373,7 @@ def print_header(args: argparse.Namespace) -> None:
         pass
     log(f"command: {' '.join([sys.executable] + sys.argv)}")
     log(f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        f"load average {load_average()} (other processes share these cores; timings are wall clock)")
     log(f"sizes {args.sizes}, engine: {args.warmups} warm-up + {args.reps} timed queries per config, "
         f"reference: {args.ref_reps} timed queries on {REF_N:,} images (after a one-batch backend pick/warm-up)")
     log("data: seeded synthetic post-ReLU features (mixtures of shared sparse parts + noise, ~half zeros); caches "
@@ -440,7 +446,7 @@ def check_targets(rows: list[Row], filtered: tuple[Timing, Timing, int] | None) 
 
 def run_grid(grid, args, rows: list[Row]) -> tuple[Timing, Timing, int] | None:
     """All sizes and masks of one grid; returns the filtered-search timings when this grid has them."""
-    log(f"== grid {grid_name(grid)} ==")
+    log(f"== grid {grid_name(grid)} == (load average {load_average()})")
     base = LazyBase(grid)
     caches = {n: ensure_cache(n, grid, base) for n in sorted(set(args.sizes) | {REF_N})}
     base.block = None
@@ -497,7 +503,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="timed engine queries per config (default 10; 5 with --quick)")
     parser.add_argument("--ref-reps", type=int, help="timed reference queries per config (default 3; 2 with --quick)")
     parser.add_argument("--warmups", type=int, default=2, help="untimed engine queries per config (default 2)")
+    parser.add_argument("--threads", type=int, help="torch threads for both methods (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.sizes = args.sizes or ([REF_N] if args.quick else [REF_N, 100_000])
     args.reps = args.reps or (5 if args.quick else 10)
     args.ref_reps = min(args.reps, args.ref_reps or (2 if args.quick else 3))
@@ -515,8 +524,7 @@ def main() -> int:
     for grid in GRIDS:
         filtered = run_grid(grid, args, rows) or filtered
     passed = print_summary(rows, filtered)
-    log(f"\ntotal {time.perf_counter() - started:.0f} s; load average now "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    log(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {load_average()}")
     return 0 if passed else 1
 
 

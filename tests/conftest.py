@@ -44,3 +44,15 @@ def small_cache(tmp_path_factory) -> FeatureCache:
     out = tmp_path_factory.mktemp("small_cache")
     write_array_cache(out, features, metadata=metadata, input_size=48, images=images)
     return FeatureCache.open(out)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Close the caches Streamlit keeps per process, so DuckDB connections end before interpreter shutdown."""
+    import gc
+    import sys
+
+    if "streamlit" in sys.modules:
+        import streamlit as st
+
+        st.cache_resource.clear()
+    gc.collect()

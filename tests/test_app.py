@@ -1,0 +1,51 @@
+"""The Streamlit app through AppTest: pages load, first start builds the demo, broken caches are explained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cache_builder import demo
+from dashboard import catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def app(caches: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv(catalog.CACHES_ENV, str(caches))
+    monkeypatch.chdir(ROOT)
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+
+
+def test_caches_page_lists_a_cache(small_cache, tmp_path, monkeypatch):
+    shutil.copytree(small_cache.path, tmp_path / "tiny")
+    at = app(tmp_path, monkeypatch).run()
+    assert not at.exception
+    assert "tiny" in [h.value for h in at.subheader]
+    assert "40" in [m.value for m in at.metric]
+
+
+def test_broken_cache_is_explained_and_others_still_shown(small_cache, tmp_path, monkeypatch):
+    shutil.copytree(small_cache.path, tmp_path / "good")
+    shutil.copytree(small_cache.path, tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    at = app(tmp_path, monkeypatch).run()
+    assert not at.exception
+    assert any("format version 0" in e.value for e in at.error)
+    assert "good" in [h.value for h in at.subheader]
+
+
+def test_first_start_builds_the_demo_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEFAULT_DEMO_SIZE", 16)
+    at = app(tmp_path, monkeypatch).run()
+    assert not at.exception
+    assert (tmp_path / catalog.DEMO_CACHE_NAME / "manifest.json").is_file()
+    at.run()
+    assert "demo" in [h.value for h in at.subheader]
+    assert "16" in [m.value for m in at.metric]
