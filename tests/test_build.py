@@ -214,3 +214,19 @@ def test_limit_must_be_positive(tmp_path, dataset, limit):
 def test_limit_keeps_the_first_images(tmp_path, dataset):
     manifest = build_cache([parse_source(f"folder:{dataset}")], tmp_path, BuildOptions(**SMALL, limit=3))
     assert manifest.image_count == 3
+
+
+def test_new_image_is_encoded_like_the_cached_ones(built, dataset):
+    """A query image from outside the cache goes through the cache's own model, layer and preprocessing."""
+    from dashboard.query_encoder import encode_image
+
+    out, manifest = built
+    cache = FeatureCache.open(out)
+    image_id = int(cache.metadata.filter_ids(None)[0])
+    original = dataset / cache.metadata.rows([image_id], ["path"])["path"][0]
+    crop, features = encode_image(manifest, Image.open(original))
+    assert crop.size == (96, 96) and features.shape == (3, 3, 320)
+    np.testing.assert_allclose(features, cache.image_features(image_id), rtol=2**-7, atol=1e-2)
+    # any size of upload works: it is preprocessed like the cache's images
+    _, other = encode_image(manifest, Image.new("RGB", (640, 200), (30, 90, 200)))
+    assert other.shape == (3, 3, 320)
