@@ -189,3 +189,16 @@ def test_query_grid_must_match_cache(small_cache):
     query = RegionQuery.from_grid_mask(np.ones((4, 4, 16), dtype=np.float32), np.ones((4, 4)))
     with pytest.raises(QueryError, match="grid"):
         search_cache(small_cache, query)
+
+
+def test_window_score_map_peaks_at_the_reported_window(small_cache):
+    features = small_cache.image_features(21)
+    mask = np.zeros((5, 6))
+    mask[2:4, 1:3] = 1
+    query = RegionQuery.from_grid_mask(features, mask)
+    heat = search.window_score_map(small_cache.features(), small_cache.sqnorms, query, 21)
+    assert heat.shape == (4, 5)
+    assert heat[2, 1] == pytest.approx(1.0, abs=SCORE_TOL) and heat.argmax() == 2 * 5 + 1
+    found = score_windows(small_cache.features(), small_cache.sqnorms, query, np.array([4]))
+    other = search.window_score_map(small_cache.features(), small_cache.sqnorms, query, 4)
+    assert other.max() == pytest.approx(found.scores[0]) and other.argmax() == found.position[0]

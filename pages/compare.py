@@ -1,0 +1,62 @@
+"""Compare page: one query region searched in two caches of the same dataset (two models or two layers)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import analysis, catalog, rendering, ui
+from dashboard.cache_format import CacheError
+from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache
+
+HITS_PER_ROW = 4
+
+st.title("Compare two caches")
+entries = catalog.find_caches(ui.caches_root())
+with st.sidebar:
+    entry_a = ui.cache_picker_ui(entries, None, key="compare-a", label="Cache A")
+    entry_b = ui.cache_picker_ui(entries, None, key="compare-b", label="Cache B")
+    k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=10, key="compare-k")
+if entry_a is None or entry_b is None:
+    st.stop()
+try:
+    cache_a, cache_b = ui.load_cache(entry_a.path), ui.load_cache(entry_b.path)
+except CacheError as exc:
+    st.error(str(exc))
+    st.stop()
+problem = analysis.dataset_mismatch(cache_a.metadata.rows(None, ["path"])["path"],
+                                    cache_b.metadata.rows(None, ["path"])["path"])
+if problem:
+    st.error(f"{entry_a.name} and {entry_b.name} cannot be compared: {problem}")
+    st.stop()
+
+st.number_input(f"Query image id (0-{cache_a.size - 1})", min_value=0, max_value=cache_a.size - 1, key="compare-id")
+image_id = int(st.session_state["compare-id"])
+drawn = ui.region_ui(cache_a.load_image(image_id), cache_a.grid[:2], key=f"compare-canvas-{image_id}",
+                     show_grid=False, mode="freedraw", stroke_width=30)
+if drawn is None:
+    st.info("Highlight a region of the query image; it is searched in both caches.")
+    st.stop()
+
+results = {}
+for name, cache in ((entry_a.name, cache_a), (entry_b.name, cache_b)):
+    try:
+        query = RegionQuery.from_grid_mask(cache.image_features(image_id), mask_to_grid(drawn, cache.grid[:2]))
+    except QueryError as exc:
+        st.warning(f"{name}: {exc}")
+        st.stop()
+    results[name] = search_cache(cache, query, k=int(k), exclude_id=image_id).hits
+
+ids_a, ids_b = (list(results[n]["id"]) for n in (entry_a.name, entry_b.name))
+overlap = analysis.overlap(ids_a, ids_b)
+st.metric("Shared hits", f"{len(overlap['common'])} of {int(k)}", help=f"Jaccard {overlap['jaccard']:.2f}")
+for column, (name, cache) in zip(st.columns(2), ((entry_a.name, cache_a), (entry_b.name, cache_b))):
+    manifest = cache.manifest
+    column.subheader(f"{name}: {manifest.model} {manifest.layer}")
+    hits = results[name]
+    for start in range(0, len(hits), HITS_PER_ROW):
+        for cell, (_, hit) in zip(column.columns(HITS_PER_ROW), hits.iloc[start:start + HITS_PER_ROW].iterrows()):
+            picture = rendering.draw_window(cache.load_image(int(hit["id"])),
+                                            (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
+            cell.image(picture, use_container_width=True)
+            shared = "shared" if int(hit["id"]) in overlap["common"] else f"only in {name}"
+            cell.caption(f"#{hit['rank']} · {hit['score']:.3f} · id {int(hit['id'])} · {shared}")

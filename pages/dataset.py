@@ -1,0 +1,62 @@
+"""Dataset page: browse and filter the metadata, see counts per column, pick an image as the query."""
+
+from __future__ import annotations
+
+import plotly.express as px
+import streamlit as st
+
+from dashboard import analysis, catalog, ui
+from dashboard.cache_format import CacheError
+from dashboard.metadata import FilterError, MetadataFilter
+
+PAGE_SIZE = 24
+COLUMNS_PER_ROW = 6
+
+st.title("Dataset")
+with st.sidebar:
+    entry = ui.cache_picker_ui(catalog.find_caches(ui.caches_root()), None, key="dataset-cache")
+if entry is None:
+    st.stop()
+try:
+    cache = ui.load_cache(entry.path)
+except CacheError as exc:
+    st.error(str(exc))
+    st.stop()
+store = cache.metadata
+with st.sidebar:
+    flt = ui.filters_ui(store, MetadataFilter(), key="dataset-filter")
+try:
+    ids = store.filter_ids(flt)
+except FilterError as exc:
+    st.error(str(exc))
+    st.stop()
+st.caption(f"{len(ids):,} of {cache.size:,} images match the filters.")
+if len(ids) == 0:
+    st.warning("No image matches the filters.")
+    st.stop()
+
+table = store.rows(ids)
+chartable = analysis.chartable_columns(store.column_types)
+if chartable:
+    st.subheader("Counts per column")
+    charts = st.columns(min(3, len(chartable)))
+    for i, column in enumerate(chartable):
+        counts = analysis.value_counts(table, column)
+        charts[i % len(charts)].plotly_chart(px.bar(counts, x="value", y="count", title=column),
+                                             use_container_width=True, key=f"counts-{column}")
+
+st.subheader("Images")
+pages = (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE
+page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, key="dataset-page") - 1
+shown = table.iloc[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+for start in range(0, len(shown), COLUMNS_PER_ROW):
+    for column, (_, row) in zip(st.columns(COLUMNS_PER_ROW), shown.iloc[start:start + COLUMNS_PER_ROW].iterrows()):
+        image_id = int(row["id"])
+        column.image(str(cache.image_file(image_id)), use_container_width=True)
+        column.caption(f"id {image_id} · {ui.format_value(row['path'])}")
+        if column.button("Use as query", key=f"use-{image_id}"):
+            ui.use_as_query(entry.name, image_id)
+            st.switch_page("pages/search.py")
+
+with st.expander("Metadata table"):
+    st.dataframe(table, use_container_width=True, hide_index=True)

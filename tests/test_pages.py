@@ -1,0 +1,153 @@
+"""Every page through AppTest: it loads, a region searches, filters change the searched set, bad input is explained.
+
+AppTest cannot draw on the canvas component; a region is injected through `ui.REGION_OVERRIDE_KEY`, the one
+seam the page offers for that (the browser test draws for real).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from dashboard import catalog, ui
+from dashboard.share import encode_region
+
+ROOT = Path(__file__).resolve().parents[1]
+REGION = np.zeros((5, 6), dtype=np.float32)
+REGION[1:3, 2:4] = 1
+
+
+@pytest.fixture
+def caches(small_cache, tmp_path, monkeypatch) -> Path:
+    shutil.copytree(small_cache.path, tmp_path / "tiny")
+    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def page(path: str, **params: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page(path)
+    for key, value in params.items():
+        at.query_params[key] = value
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_search_page_asks_for_a_region_first(caches):
+    at = page("pages/search.py").run()
+    assert not at.exception
+    assert "Highlight a region" in texts(at.info)
+
+
+def test_search_with_a_region_shows_hits_table_and_charts(caches):
+    at = page("pages/search.py")
+    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    assert not at.exception, at.exception
+    assert "Searched 39 of 40 images" in texts(at.caption)  # the query image itself is excluded
+    table = at.dataframe[0].value
+    assert len(table) == 20 and list(table.columns[:4]) == ["rank", "id", "path", "score"]
+    assert 0 not in set(table["id"]) and table["score"].is_monotonic_decreasing
+    assert {"label", "domain", "location", "diagnoses"} <= set(table.columns)
+    assert len(at.get("plotly_chart")) >= 3
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download Parquet"]
+
+
+def test_a_filter_restricts_the_searched_set(caches):
+    at = page("pages/search.py")
+    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    at.multiselect(key="search-filter-columns").set_value(["domain"]).run()
+    at.multiselect(key="search-filter-domain").set_value(["out"]).run()
+    assert not at.exception
+    assert "Searched 15 of 40 images" in texts(at.caption)
+    assert set(at.dataframe[0].value["domain"]) == {"out"}
+
+
+def test_filters_that_match_nothing_say_so(caches):
+    at = page("pages/search.py", filters='{"equals":{"label":["zebra"]}}')
+    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    assert not at.exception
+    assert "No image matches the filters" in texts(at.warning)
+
+
+def test_a_shared_link_restores_the_search(caches):
+    at = page("pages/search.py", cache="tiny", image="7", region=encode_region(REGION), k="5", per="location")
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert len(table) == 5 and table["location"].is_unique
+    assert at.query_params["image"] == ["7"] or at.query_params["image"] == "7"
+
+
+def test_a_damaged_link_is_reported_not_fatal(caches):
+    at = page("pages/search.py", image="seven", region="broken").run()
+    assert not at.exception
+    assert "`image`" in texts(at.warning) and "`region`" in texts(at.warning)
+
+
+def test_an_upload_that_is_not_an_image_gets_a_message(caches):
+    at = page("pages/search.py").run()
+    at.radio(key="query-source").set_value("Upload an image").run()
+    at.file_uploader(key="upload").upload("notes.png", b"this is not a png", "image/png").run()
+    assert not at.exception
+    assert "not an image" in texts(at.error)
+
+
+def test_an_uploaded_image_is_searched(caches, monkeypatch):
+    # the tiny synthetic cache has no model; give the upload path a stand-in encoder of the right shape
+    features = np.random.default_rng(3).random((5, 6, 16)).astype(np.float32)
+    monkeypatch.setattr(ui, "encode_upload", lambda *a: (Image.new("RGB", (48, 48)), features))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 40), "green").save(buffer, format="PNG")
+    at = page("pages/search.py")
+    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    at.radio(key="query-source").set_value("Upload an image").run()
+    at.file_uploader(key="upload").upload("photo.png", buffer.getvalue(), "image/png").run()
+    assert not at.exception
+    assert "Searched 40 of 40 images" in texts(at.caption)
+
+
+def test_dataset_page_filters_and_counts(caches):
+    at = page("pages/dataset.py").run()
+    assert not at.exception
+    assert "40 of 40 images" in texts(at.caption)
+    at.multiselect(key="dataset-filter-columns").set_value(["label"]).run()
+    at.multiselect(key="dataset-filter-label").set_value(["cat"]).run()
+    assert "14 of 40 images" in texts(at.caption)
+    assert len(at.get("plotly_chart")) >= 3
+
+
+def test_compare_page_needs_a_region_then_compares(caches, small_cache):
+    shutil.copytree(small_cache.path, caches / "tiny-copy")
+    at = page("pages/compare.py")
+    at.run()
+    assert "Highlight a region" in texts(at.info)
+    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.selectbox(key="compare-b").set_value("tiny-copy").run()
+    assert not at.exception
+    assert "10 of 10" in texts(at.metric)  # the same features in both caches: identical top-k
+
+
+def test_password_gate_hides_every_page(caches):
+    at = page("pages/search.py")
+    at.secrets["password"] = "s3cret"
+    at.run()
+    assert not at.exception
+    assert not at.dataframe and not at.get("plotly_chart") and not at.image
+    at.text_input(key="password-input").set_value("wrong").run()
+    assert "Wrong password" in texts(at.error)
+    at.text_input(key="password-input").set_value("s3cret").run()
+    assert not at.exception and "Highlight a region" in texts(at.info)
