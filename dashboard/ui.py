@@ -78,6 +78,8 @@ REGION_OVERRIDE_KEY = "region_override"  # tests (AppTest cannot draw) put grid 
 def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key: str, label: str = "Cache"):
     """A selectbox over the usable caches; returns the chosen entry (None when there is none)."""
     usable = [e for e in entries if e.problem is None]
+    for broken in (e for e in entries if e.problem is not None):
+        st.caption(f"Skipped cache `{broken.name}`: {broken.problem}")
     if not usable:
         st.warning("No usable cache. Build one: `python -m cache_builder build --source demo --out caches/demo`.")
         return None

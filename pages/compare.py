@@ -57,6 +57,6 @@ for column, (name, cache) in zip(st.columns(2), ((entry_a.name, cache_a), (entry
         for cell, (_, hit) in zip(column.columns(HITS_PER_ROW), hits.iloc[start:start + HITS_PER_ROW].iterrows()):
             picture = rendering.draw_window(cache.load_image(int(hit["id"])),
                                             (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
-            cell.image(picture, use_container_width=True)
+            cell.image(picture, width="stretch")
             shared = "shared" if int(hit["id"]) in overlap["common"] else f"only in {name}"
             cell.caption(f"#{hit['rank']} · {hit['score']:.3f} · id {int(hit['id'])} · {shared}")

@@ -43,7 +43,7 @@ if chartable:
     for i, column in enumerate(chartable):
         counts = analysis.value_counts(table, column)
         charts[i % len(charts)].plotly_chart(px.bar(counts, x="value", y="count", title=column),
-                                             use_container_width=True, key=f"counts-{column}")
+                                             width="stretch", key=f"counts-{column}")
 
 st.subheader("Images")
 pages = (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE
@@ -52,11 +52,11 @@ shown = table.iloc[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
 for start in range(0, len(shown), COLUMNS_PER_ROW):
     for column, (_, row) in zip(st.columns(COLUMNS_PER_ROW), shown.iloc[start:start + COLUMNS_PER_ROW].iterrows()):
         image_id = int(row["id"])
-        column.image(str(cache.image_file(image_id)), use_container_width=True)
+        column.image(str(cache.image_file(image_id)), width="stretch")
         column.caption(f"id {image_id} · {ui.format_value(row['path'])}")
         if column.button("Use as query", key=f"use-{image_id}"):
             ui.use_as_query(entry.name, image_id)
             st.switch_page("pages/search.py")
 
 with st.expander("Metadata table"):
-    st.dataframe(table, use_container_width=True, hide_index=True)
+    st.dataframe(table, width="stretch", hide_index=True)

@@ -69,7 +69,7 @@ if source == "From the dataset":
         st.session_state.query_id = 0
     left, right = st.columns([3, 1])
     left.number_input(f"Image id (0-{cache.size - 1})", min_value=0, max_value=cache.size - 1, key="query_id")
-    right.button("Random image", use_container_width=True, on_click=ui.pick_random_query, args=(cache.size,))
+    right.button("Random image", width="stretch", on_click=ui.pick_random_query, args=(cache.size,))
     query_id = int(st.session_state.query_id)
     query_image = cache.load_image(query_id)
     features = cache.image_features(query_id)
@@ -155,7 +155,7 @@ for start in range(0, len(hits), HITS_PER_ROW):
             heat = window_score_map(cache.features(), cache.sqnorms, query, hit_id)
             picture = rendering.heatmap_overlay(picture, heat, grid, query.box)
         picture = rendering.draw_window(picture, (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
-        column.image(picture, use_container_width=True)
+        column.image(picture, width="stretch")
         column.markdown(f"**#{hit['rank']}** · {hit['score']:.3f} · id {hit_id}")
         column.caption(" · ".join(ui.format_value(hit[c]) for c in KEY_COLUMNS if c in hit.index))
         column.button("Search from here", key=f"requery-{hit_id}", on_click=ui.requery,
@@ -174,30 +174,30 @@ if chartable:
                                          var_name="set", value_name="share"),
                              x="value", y="share", color="set", barmode="group",
                              title=f"Top-{len(hits)} composition by {by} vs the searched set"),
-                      use_container_width=True)
+                      width="stretch")
     distribution = analysis.score_distribution(result.scores, searched, by)
     right.plotly_chart(px.histogram(distribution, x="score", color="group", barmode="overlay",
                                     histnorm="probability", nbins=40,
                                     title=f"Scores of all {result.searched_count:,} searched images by {by}"),
-                       use_container_width=True)
+                       width="stretch")
     label_columns = [c for c in ("species", "label", "diagnoses") if c in store.columns]
     if query_id is not None and label_columns:
         label = label_columns[0]
         agreement = analysis.label_agreement(hits, row[label], label, "domain" if "domain" in hits else None)
         left.plotly_chart(px.bar(agreement, x="domain", y="share", text="agreeing",
                                  title=f"Hits with the query's {label} ({ui.format_value(row[label])})",
-                                 range_y=[0, 1]), use_container_width=True)
+                                 range_y=[0, 1]), width="stretch")
     for list_column in [c for c in store.columns if store.is_list(c)]:
         enrichment = analysis.value_enrichment(hits, searched, list_column)
         right.plotly_chart(px.bar(enrichment.melt(id_vars="value", value_vars=["hit_rate", "prevalence"],
                                                   var_name="set", value_name="rate"),
                                   x="value", y="rate", color="set", barmode="group",
                                   title=f"{list_column}: rate among hits vs prevalence"),
-                           use_container_width=True)
+                           width="stretch")
 
 # ---- table and downloads
 st.subheader("Results table")
-st.dataframe(hits, use_container_width=True, hide_index=True)
+st.dataframe(hits, width="stretch", hide_index=True)
 left, right = st.columns(2)
 left.download_button("Download CSV", export.to_csv(hits), file_name=f"{entry.name}-hits.csv", mime="text/csv",
                      key="download-csv")

@@ -1,0 +1,133 @@
+"""The data behind the charts: tidy DataFrames a page hands straight to plotly express.
+
+Every function accepts list columns (an image with several diagnoses counts once for each) and NULLs (shown
+as "(missing)"), and returns an empty frame with the right columns when there is nothing to count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dashboard.export import is_list_value
+
+MISSING = "(missing)"
+OTHER = "(other)"
+
+
+def _values(cell: Any) -> list[str]:
+    """The values one image contributes to a column's counts: all of a list, or the one scalar."""
+    if is_list_value(cell):
+        return sorted({str(v) for v in cell})
+    if cell is None or cell is pd.NA or (isinstance(cell, float) and np.isnan(cell)):
+        return [MISSING]
+    return [str(cell)]
+
+
+def _images_per_value(column: pd.Series) -> pd.Series:
+    exploded = column.map(_values).explode()
+    return exploded.value_counts()
+
+
+def value_counts(table: pd.DataFrame, column: str, limit: int = 30) -> pd.DataFrame:
+    """Images per value (the most frequent `limit`), for the dataset page's bar charts."""
+    counts = _images_per_value(table[column]) if len(table) else pd.Series(dtype=int)
+    frame = counts.rename_axis("value").reset_index(name="count")
+    return frame.sort_values(["count", "value"], ascending=[False, True]).head(limit).reset_index(drop=True)
+
+
+def composition(hits: pd.DataFrame, searched: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Share of each value among the hits next to its share in the searched set: is the top-k unusual?"""
+    columns = ["value", "hits", "hits_share", "searched", "searched_share", "lift"]
+    if hits.empty or searched.empty:
+        return pd.DataFrame(columns=columns)
+    in_hits = _images_per_value(hits[column])
+    in_searched = _images_per_value(searched[column])
+    frame = pd.DataFrame({"hits": in_hits, "searched": in_searched}).fillna(0).astype(int)
+    frame = frame[frame["hits"] > 0].rename_axis("value").reset_index()
+    frame["hits_share"] = frame["hits"] / len(hits)
+    frame["searched_share"] = frame["searched"] / len(searched)
+    frame["lift"] = frame["hits_share"] / frame["searched_share"].where(frame["searched_share"] > 0)
+    return frame.sort_values(["hits", "value"], ascending=[False, True])[columns].reset_index(drop=True)
+
+
+def score_distribution(scores: pd.DataFrame, searched: pd.DataFrame, column: str,
+                       max_groups: int = 12) -> pd.DataFrame:
+    """Every searched image's score labelled with its group; rare groups are pooled so the legend stays legible."""
+    if scores.empty:
+        return pd.DataFrame(columns=["id", "score", "group"])
+    groups = searched[["id", column]].copy()
+    groups["group"] = groups[column].map(_values)
+    frame = scores.merge(groups[["id", "group"]], on="id", how="left").explode("group")
+    frame["group"] = frame["group"].fillna(MISSING)
+    counts = frame["group"].value_counts()
+    if len(counts) > max_groups:
+        keep = set(counts.index[: max_groups - 1])
+        frame.loc[~frame["group"].isin(keep), "group"] = OTHER
+    return frame[["id", "score", "group"]].reset_index(drop=True)
+
+
+def label_agreement(hits: pd.DataFrame, query_label: Any, label_column: str,
+                    domain_column: str | None = "domain") -> pd.DataFrame:
+    """Share of hits that carry the query's label (for lists: share at least one value), per hit domain."""
+    columns = ["domain", "hits", "agreeing", "share"]
+    if hits.empty:
+        return pd.DataFrame(columns=columns)
+    wanted = set(_values(query_label)) - {MISSING}
+    agrees = hits[label_column].map(lambda cell: bool(wanted & set(_values(cell))))
+    rows = []
+    if domain_column and domain_column in hits.columns:
+        domains = hits[domain_column].map(lambda v: _values(v)[0])
+        for domain in sorted(domains.unique()):
+            selected = agrees[domains == domain]
+            rows.append((domain, len(selected), int(selected.sum())))
+    rows.append(("all", len(agrees), int(agrees.sum())))
+    frame = pd.DataFrame(rows, columns=columns[:3])
+    frame["share"] = frame["agreeing"] / frame["hits"]
+    return frame
+
+
+def value_enrichment(hits: pd.DataFrame, searched: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Each value's rate among the hits against its prevalence: which diagnoses does the region pull in?"""
+    columns = ["value", "hit_rate", "prevalence", "hits_with", "searched_with", "enrichment"]
+    if hits.empty or searched.empty:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame({
+        "hits_with": _images_per_value(hits[column]),
+        "searched_with": _images_per_value(searched[column]),
+    }).fillna(0).astype(int).rename_axis("value").reset_index()
+    frame["hit_rate"] = frame["hits_with"] / len(hits)
+    frame["prevalence"] = frame["searched_with"] / len(searched)
+    frame["enrichment"] = frame["hit_rate"] / frame["prevalence"].where(frame["prevalence"] > 0)
+    return frame.sort_values(["enrichment", "value"], ascending=[False, True])[columns].reset_index(drop=True)
+
+
+def overlap(a_ids: Iterable[int], b_ids: Iterable[int]) -> dict[str, Any]:
+    """How much two top-k lists agree (two models or two layers on the same query)."""
+    a, b = {int(i) for i in a_ids}, {int(i) for i in b_ids}
+    union = a | b
+    return {
+        "common": sorted(a & b),
+        "only_a": sorted(a - b),
+        "only_b": sorted(b - a),
+        "jaccard": len(a & b) / len(union) if union else 1.0,
+    }
+
+
+def dataset_mismatch(paths_a: Sequence[str], paths_b: Sequence[str]) -> str | None:
+    """Why two caches do not hold the same images in the same order (None when they do): ids must line up."""
+    if len(paths_a) != len(paths_b):
+        return f"they hold {len(paths_a):,} and {len(paths_b):,} images"
+    differing = [i for i, (a, b) in enumerate(zip(paths_a, paths_b)) if a != b]
+    if differing:
+        return f"image {differing[0]} is {paths_a[differing[0]]!r} in one and {paths_b[differing[0]]!r} in the other"
+    return None
+
+
+def chartable_columns(column_types: dict[str, str], exclude: Sequence[str] = ("id", "path")) -> list[str]:
+    """Columns worth grouping by: text, booleans and lists of text. Numbers and dates are ranges, not groups."""
+    return [c for c, kind in column_types.items()
+            if c not in exclude and kind in ("VARCHAR", "BOOLEAN", "VARCHAR[]")]

@@ -1,0 +1,89 @@
+"""Pictures for the pages: the matched window on a hit, a similarity heat map, the feature grid, a region.
+
+Everything is drawn in the pixels of the image as the model saw it, where feature cell (r, c) covers
+[c * S / W, (c + 1) * S / W) x [r * S / H, (r + 1) * S / H).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# A few stops of matplotlib's "inferno" (dark purple -> yellow), interpolated: perceptually ordered, no matplotlib.
+_INFERNO = np.array([
+    [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
+    [252, 255, 164],
+], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """[0, 1] values -> (..., 3) uint8 colours."""
+    position = np.clip(values, 0, 1) * (len(_INFERNO) - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, len(_INFERNO) - 1)
+    frac = (position - low)[..., None]
+    return np.rint(_INFERNO[low] * (1 - frac) + _INFERNO[high] * frac).astype(np.uint8)
+
+
+def draw_window(image: Image.Image, box: tuple[int, int, int, int], color=(255, 64, 0),
+                width: int | None = None) -> Image.Image:
+    """A copy with the match window outlined inside the box (x1, y1 exclusive)."""
+    out = image.convert("RGB")
+    width = width or max(2, min(out.size) // 80)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    ImageDraw.Draw(out).rectangle((x0, y0, x1 - 1, y1 - 1), outline=tuple(color), width=width)
+    return out
+
+
+def _cell_edges(size: int, cells: int) -> np.ndarray:
+    return np.rint(np.arange(cells + 1) * size / cells).astype(int)
+
+
+def cell_scores(window_scores: np.ndarray, grid: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
+    """(H, W) map: each cell takes the best score of the windows covering it, so the peak shows the match."""
+    h, w = window
+    cells = np.full(grid, -1.0)
+    for y in range(window_scores.shape[0]):
+        for x in range(window_scores.shape[1]):
+            patch = cells[y:y + h, x:x + w]
+            np.maximum(patch, window_scores[y, x], out=patch)
+    return cells
+
+
+def heatmap_overlay(image: Image.Image, window_scores: np.ndarray, grid: tuple[int, int],
+                    window: tuple[int, int], alpha: float = 0.45) -> Image.Image:
+    """The image with cells coloured by similarity (scores scaled to this image's own min..max)."""
+    cells = cell_scores(np.asarray(window_scores, dtype=np.float64), grid, window)
+    lo, hi = cells.min(), cells.max()
+    scaled = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    colours = colormap(scaled).astype(np.float64)
+    rows, cols = _cell_edges(base.shape[0], grid[0]), _cell_edges(base.shape[1], grid[1])
+    row_index = np.repeat(np.arange(grid[0]), np.diff(rows))
+    col_index = np.repeat(np.arange(grid[1]), np.diff(cols))
+    layer = colours[row_index][:, col_index]
+    return Image.fromarray(np.rint(base * (1 - alpha) + layer * alpha).astype(np.uint8))
+
+
+def grid_overlay(image: Image.Image, grid: tuple[int, int], color=(255, 255, 255, 90)) -> Image.Image:
+    """Thin lines on the feature-cell boundaries, to show what resolution a region is searched at."""
+    base = image.convert("RGBA")
+    lines = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(lines)
+    for x in _cell_edges(base.width, grid[1])[1:-1]:
+        draw.line([(x, 0), (x, base.height - 1)], fill=tuple(color), width=1)
+    for y in _cell_edges(base.height, grid[0])[1:-1]:
+        draw.line([(0, y), (base.width - 1, y)], fill=tuple(color), width=1)
+    return Image.alpha_composite(base, lines).convert("RGB")
+
+
+def region_overlay(image: Image.Image, weights: np.ndarray, color=(255, 80, 0), alpha: float = 0.55) -> Image.Image:
+    """A grid-resolution region (soft weights) tinted onto the image: how a linked region looks."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    grid = weights.shape
+    rows, cols = _cell_edges(base.shape[0], grid[0]), _cell_edges(base.shape[1], grid[1])
+    per_pixel = np.asarray(weights, dtype=np.float64)[np.repeat(np.arange(grid[0]), np.diff(rows))][
+        :, np.repeat(np.arange(grid[1]), np.diff(cols))]
+    strength = (per_pixel * alpha)[..., None]
+    tinted = base * (1 - strength) + np.array(color, dtype=np.float64) * strength
+    return Image.fromarray(np.rint(tinted).astype(np.uint8))
