@@ -5,12 +5,12 @@ import streamlit as st
 from dashboard import ui
 
 st.set_page_config(page_title="Visual Feature Search", page_icon=":mag:", layout="wide")
-ui.access_gate_ui()
-ui.ensure_demo_cache_ui()
 navigation = st.navigation([
     st.Page("pages/search.py", title="Search", icon=":material/search:", default=True),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("pages/dataset.py", title="Dataset", icon=":material/photo_library:"),
     st.Page("pages/caches.py", title="Caches", icon=":material/database:"),
 ])
+ui.access_gate_ui()
+ui.ensure_demo_cache_ui()
 navigation.run()

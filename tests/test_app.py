@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def app(caches: Path, monkeypatch) -> AppTest:
     monkeypatch.setenv(catalog.CACHES_ENV, str(caches))
     monkeypatch.chdir(ROOT)
-    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/caches.py")
+    return at
 
 
 def test_caches_page_lists_a_cache(small_cache, tmp_path, monkeypatch):
@@ -43,8 +45,11 @@ def test_broken_cache_is_explained_and_others_still_shown(small_cache, tmp_path,
 
 def test_first_start_builds_the_demo_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEFAULT_DEMO_SIZE", 16)
+    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    first = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()  # the entry script builds
+    assert not first.exception
     at = app(tmp_path, monkeypatch).run()
-    assert not at.exception
     assert (tmp_path / catalog.DEMO_CACHE_NAME / "manifest.json").is_file()
     at.run()
     assert "demo" in [h.value for h in at.subheader]

@@ -143,13 +143,35 @@ def test_compare_page_needs_a_region_then_compares(caches, small_cache):
     assert "10 of 10" in texts(at.metric)  # the same features in both caches: identical top-k
 
 
-def test_password_gate_hides_every_page(caches):
+def test_password_gate_shows_nothing_before_login(caches):
     at = page(None)  # through the entry script, as a browser reaches every page
     at.secrets["password"] = "s3cret"
     at.run()
     assert not at.exception
-    assert not at.dataframe and not at.get("plotly_chart") and not at.image
+    assert [t.key for t in at.text_input] == ["password-input"]
+    assert not at.dataframe and not at.get("plotly_chart") and not at.image and not at.radio
+
+
+def gated_app():
+    import streamlit as st
+
+    from dashboard import ui
+
+    ui.access_gate_ui()
+    st.write("page content")
+
+
+def test_password_gate_lets_in_only_the_right_password():
+    at = AppTest.from_function(gated_app)
+    at.secrets["password"] = "s3cret"
+    at.run()
+    assert "page content" not in texts(at.markdown)
     at.text_input(key="password-input").set_value("wrong").run()
-    assert "Wrong password" in texts(at.error)
+    assert "Wrong password" in texts(at.error) and "page content" not in texts(at.markdown)
     at.text_input(key="password-input").set_value("s3cret").run()
-    assert not at.exception and "Highlight a region" in texts(at.info)
+    assert not at.exception and "page content" in texts(at.markdown)
+
+
+def test_without_secrets_the_app_is_open():
+    at = AppTest.from_function(gated_app).run()
+    assert "page content" in texts(at.markdown)
