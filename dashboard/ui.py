@@ -75,10 +75,27 @@ def ensure_demo_cache_ui() -> None:
 REGION_OVERRIDE_KEY = "region_override"  # tests (AppTest cannot draw) put grid weights here
 
 
-def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key: str, label: str = "Cache"):
+def open_cache_ui(default: str | None, key: str, label: str = "Cache",
+                  report_skipped: bool = True) -> tuple[catalog.CacheEntry, FeatureCache]:
+    """Sidebar cache choice, opened; stops the page with a message when there is nothing usable to open."""
+    from dashboard.cache_format import CacheError
+
+    with st.sidebar:
+        entry = cache_picker_ui(catalog.find_caches(caches_root()), default, key, label, report_skipped)
+    if entry is None:
+        st.stop()
+    try:
+        return entry, load_cache(entry.path)
+    except CacheError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
+def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key: str, label: str = "Cache",
+                    report_skipped: bool = True):
     """A selectbox over the usable caches; returns the chosen entry (None when there is none)."""
     usable = [e for e in entries if e.problem is None]
-    for broken in (e for e in entries if e.problem is not None):
+    for broken in (e for e in entries if e.problem is not None and report_skipped):
         st.caption(f"Skipped cache `{broken.name}`: {broken.problem}")
     if not usable:
         st.warning("No usable cache. Build one: `python -m cache_builder build --source demo --out caches/demo`.")

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import analysis, catalog, rendering, ui
-from dashboard.cache_format import CacheError
+from dashboard import analysis, rendering, ui
 from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache
 
 HITS_PER_ROW = 4
 
 st.title("Compare two caches")
-entries = catalog.find_caches(ui.caches_root())
+entry_a, cache_a = ui.open_cache_ui(None, key="compare-a", label="Cache A")
+entry_b, cache_b = ui.open_cache_ui(None, key="compare-b", label="Cache B", report_skipped=False)
 with st.sidebar:
-    entry_a = ui.cache_picker_ui(entries, None, key="compare-a", label="Cache A")
-    entry_b = ui.cache_picker_ui(entries, None, key="compare-b", label="Cache B")
     k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=10, key="compare-k")
-if entry_a is None or entry_b is None:
-    st.stop()
-try:
-    cache_a, cache_b = ui.load_cache(entry_a.path), ui.load_cache(entry_b.path)
-except CacheError as exc:
-    st.error(str(exc))
-    st.stop()
 problem = analysis.dataset_mismatch(cache_a.metadata.rows(None, ["path"])["path"],
                                     cache_b.metadata.rows(None, ["path"])["path"])
 if problem:

@@ -5,23 +5,14 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from dashboard import analysis, catalog, ui
-from dashboard.cache_format import CacheError
+from dashboard import analysis, ui
 from dashboard.metadata import FilterError, MetadataFilter
 
 PAGE_SIZE = 24
 COLUMNS_PER_ROW = 6
 
 st.title("Dataset")
-with st.sidebar:
-    entry = ui.cache_picker_ui(catalog.find_caches(ui.caches_root()), None, key="dataset-cache")
-if entry is None:
-    st.stop()
-try:
-    cache = ui.load_cache(entry.path)
-except CacheError as exc:
-    st.error(str(exc))
-    st.stop()
+entry, cache = ui.open_cache_ui(None, key="dataset-cache")
 store = cache.metadata
 with st.sidebar:
     flt = ui.filters_ui(store, MetadataFilter(), key="dataset-filter")
@@ -39,11 +30,11 @@ table = store.rows(ids)
 chartable = analysis.chartable_columns(store.column_types)
 if chartable:
     st.subheader("Counts per column")
-    charts = st.columns(min(3, len(chartable)))
+    columns = st.columns(min(3, len(chartable)))
     for i, column in enumerate(chartable):
         counts = analysis.value_counts(table, column)
-        charts[i % len(charts)].plotly_chart(px.bar(counts, x="value", y="count", title=column),
-                                             width="stretch", key=f"counts-{column}")
+        columns[i % len(columns)].plotly_chart(px.bar(counts, x="value", y="count", title=column),
+                                               width="stretch", key=f"counts-{column}")
 
 st.subheader("Images")
 pages = (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE

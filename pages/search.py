@@ -6,10 +6,9 @@ import hashlib
 import time
 
 import numpy as np
-import plotly.express as px
 import streamlit as st
 
-from dashboard import analysis, catalog, export, rendering, ui
+from dashboard import analysis, charts, export, rendering, ui
 from dashboard.cache_format import CacheError
 from dashboard.metadata import FilterError
 from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache, window_score_map
@@ -34,16 +33,7 @@ link: SearchState = st.session_state.link_state
 for problem in st.session_state.pop("link_problems", []):
     st.warning(problem)
 
-entries = catalog.find_caches(ui.caches_root())
-with st.sidebar:
-    entry = ui.cache_picker_ui(entries, link.cache, key="search-cache")
-if entry is None:
-    st.stop()
-try:
-    cache = ui.load_cache(entry.path)
-except CacheError as exc:
-    st.error(str(exc))
-    st.stop()
+entry, cache = ui.open_cache_ui(link.cache, key="search-cache")
 store = cache.metadata
 grid = cache.grid[:2]
 
@@ -128,7 +118,7 @@ except QueryError as exc:
 search_key = (str(entry.path), cache.manifest.created, query_key, weights.tobytes(), repr(flt), int(k), per_group,
               exclude_query and query_id is not None)
 memo = st.session_state.get("search_memo")
-if memo is None or memo[0] != search_key:
+if memo is None or memo["key"] != search_key:
     started = time.perf_counter()
     try:
         result = search_cache(cache, query, k=int(k), flt=flt, per_group=per_group,
@@ -136,9 +126,9 @@ if memo is None or memo[0] != search_key:
     except (QueryError, FilterError) as exc:
         st.error(str(exc))
         st.stop()
-    memo = (search_key, result, time.perf_counter() - started)
+    memo = {"key": search_key, "result": result, "elapsed": time.perf_counter() - started, "searched": None}
     st.session_state.search_memo = memo
-_, result, elapsed = memo
+result, elapsed = memo["result"], memo["elapsed"]
 hits = result.hits
 st.caption(f"Searched {result.searched_count:,} of {cache.size:,} images in {elapsed * 1000:.0f} ms.")
 if hits.empty:
@@ -167,33 +157,27 @@ chartable = analysis.chartable_columns(store.column_types)
 if chartable:
     default = chartable.index("domain") if "domain" in chartable else 0
     by = st.selectbox("Group by", chartable, index=default, key="chart-column")
-    searched = store.rows(result.scores["id"], [c for c in store.columns if c != "path"])
+    if memo["searched"] is None:  # metadata of every searched image, fetched once per search, not per rerun
+        memo["searched"] = store.rows(result.scores["id"], [c for c in store.columns if c != "path"])
+    searched = memo["searched"]
     left, right = st.columns(2)
     shares = analysis.composition(hits, searched, by)
-    left.plotly_chart(px.bar(shares.melt(id_vars="value", value_vars=["hits_share", "searched_share"],
-                                         var_name="set", value_name="share"),
-                             x="value", y="share", color="set", barmode="group",
-                             title=f"Top-{len(hits)} composition by {by} vs the searched set"),
+    left.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"), "share",
+                                         f"Top-{len(hits)} composition by {by} vs the searched set"),
                       width="stretch")
     distribution = analysis.score_distribution(result.scores, searched, by)
-    right.plotly_chart(px.histogram(distribution, x="score", color="group", barmode="overlay",
-                                    histnorm="probability", nbins=40,
-                                    title=f"Scores of all {result.searched_count:,} searched images by {by}"),
-                       width="stretch")
+    right.plotly_chart(charts.score_histogram(
+        distribution, f"Scores of all {result.searched_count:,} searched images by {by}"), width="stretch")
     label_columns = [c for c in ("species", "label", "diagnoses") if c in store.columns]
     if query_id is not None and label_columns:
         label = label_columns[0]
         agreement = analysis.label_agreement(hits, row[label], label, "domain" if "domain" in hits else None)
-        left.plotly_chart(px.bar(agreement, x="domain", y="share", text="agreeing",
-                                 title=f"Hits with the query's {label} ({ui.format_value(row[label])})",
-                                 range_y=[0, 1]), width="stretch")
+        left.plotly_chart(charts.agreement_bars(
+            agreement, f"Hits with the query's {label} ({ui.format_value(row[label])})"), width="stretch")
     for list_column in [c for c in store.columns if store.is_list(c)]:
         enrichment = analysis.value_enrichment(hits, searched, list_column)
-        right.plotly_chart(px.bar(enrichment.melt(id_vars="value", value_vars=["hit_rate", "prevalence"],
-                                                  var_name="set", value_name="rate"),
-                                  x="value", y="rate", color="set", barmode="group",
-                                  title=f"{list_column}: rate among hits vs prevalence"),
-                           width="stretch")
+        right.plotly_chart(charts.paired_bars(enrichment, ("hit_rate", "prevalence"), "rate",
+                                              f"{list_column}: rate among hits vs prevalence"), width="stretch")
 
 # ---- table and downloads
 st.subheader("Results table")
