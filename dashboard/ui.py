@@ -217,7 +217,7 @@ def pick_random_query(size: int) -> None:
     st.session_state.query_id = random.randrange(size)
 
 
-def requery(hit_id: int, hit: "pd.Series", grid: tuple[int, int], input_size: int) -> None:
+def requery(hit_id: int, hit: "pd.Series", grid: tuple[int, int]) -> None:
     """Button callback: the clicked hit becomes the query, its matched window the region."""
     region = np.zeros(grid, dtype=np.float32)
     region[int(hit["row"]):int(hit["row"]) + int(hit["height"]), int(hit["col"]):int(hit["col"]) + int(hit["width"])] = 1

@@ -149,7 +149,7 @@ for start in range(0, len(hits), HITS_PER_ROW):
         column.markdown(f"**#{hit['rank']}** · {hit['score']:.3f} · id {hit_id}")
         column.caption(" · ".join(ui.format_value(hit[c]) for c in KEY_COLUMNS if c in hit.index))
         column.button("Search from here", key=f"requery-{hit_id}", on_click=ui.requery,
-                      args=(hit_id, hit, grid, cache.input_size))
+                      args=(hit_id, hit, grid))
 
 # ---- charts
 st.subheader("Hits by metadata")

@@ -175,3 +175,16 @@ def test_password_gate_lets_in_only_the_right_password():
 def test_without_secrets_the_app_is_open():
     at = AppTest.from_function(gated_app).run()
     assert "page content" in texts(at.markdown)
+
+
+def test_search_from_a_hit_makes_it_the_query(caches):
+    at = page("pages/search.py")
+    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    first_hit = at.dataframe[0].value.iloc[0]
+    at.session_state[ui.REGION_OVERRIDE_KEY] = None  # the hit's window becomes the region, not the override
+    at.button(key=f"requery-{int(first_hit['id'])}").click().run()
+    assert not at.exception
+    assert at.number_input(key="query_id").value == int(first_hit["id"])
+    table = at.dataframe[0].value
+    assert int(first_hit["id"]) not in set(table["id"])  # it is now the (excluded) query, searched with its window
