@@ -172,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permissions...: what the system said, and that nothing is lost
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; fix it and rerun the same command to resume",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
