@@ -40,11 +40,20 @@ def _has_usable_cache(root: Path) -> bool:
     return any(entry.problem is None for entry in catalog.find_caches(root))
 
 
+def hosted() -> bool:
+    """A team deployment (access control configured): the app only reads its caches folder, never writes it."""
+    return bool(_secret("password")) or _secret("auth") is not None
+
+
 def ensure_demo_cache_ui() -> None:
     """First start: build the demo cache with a visible progress bar (once per process, other sessions wait)."""
     root = caches_root()
     if _has_usable_cache(root):
         return
+    if hosted():
+        st.error(f"No usable cache in `{root}`. An administrator can build one with "
+                 "`python -m cache_builder build --source ... --out <caches folder>/<name>`.")
+        st.stop()
     with _demo_lock:
         if _has_usable_cache(root):
             return

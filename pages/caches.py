@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import catalog, ui
 
+ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Caches")
 root = ui.caches_root()
 entries = catalog.find_caches(root)

@@ -9,6 +9,7 @@ from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache
 
 HITS_PER_ROW = 4
 
+ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Compare two caches")
 entry_a, cache_a = ui.open_cache_ui(None, key="compare-a", label="Cache A")
 entry_b, cache_b = ui.open_cache_ui(None, key="compare-b", label="Cache B", report_skipped=False)

@@ -11,6 +11,7 @@ from dashboard.metadata import FilterError, MetadataFilter
 PAGE_SIZE = 24
 COLUMNS_PER_ROW = 6
 
+ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Dataset")
 entry, cache = ui.open_cache_ui(None, key="dataset-cache")
 store = cache.metadata

@@ -18,6 +18,7 @@ from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
 HITS_PER_ROW = 5
 KEY_COLUMNS = ("domain", "location", "label", "species", "diagnoses", "split")
 
+ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Search by region")
 
 # ---- state from a shared link, applied once per session

@@ -188,3 +188,15 @@ def test_search_from_a_hit_makes_it_the_query(caches):
     assert at.number_input(key="query_id").value == int(first_hit["id"])
     table = at.dataframe[0].value
     assert int(first_hit["id"]) not in set(table["id"])  # it is now the (excluded) query, searched with its window
+
+
+def test_hosted_app_never_writes_its_caches_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.secrets["password"] = "s3cret"
+    at.session_state["authenticated"] = True
+    at.run()
+    assert not at.exception
+    assert "No usable cache" in texts(at.error)
+    assert list(tmp_path.iterdir()) == []  # no demo build in hosted mode
