@@ -17,6 +17,10 @@ sources (repeat --source to combine them into one cache; @DOMAIN tags each image
   folder:PATH           every image under PATH; the first-level subfolder becomes `label`
   csv:PATH              a CSV or Parquet manifest with a `path` column relative to its folder;
                         every other column is kept as typed metadata
+  iwildcam:ROOT         WILDS iWildCam v2.0 (metadata.csv, categories.csv, train/)
+  chestxray14:ROOT      NIH ChestX-ray14 (Data_Entry_2017*.csv, images*/, BBox_List_2017.csv)
+  coco-cameratraps:JSON[:IMAGE_ROOT]   a LILA COCO Camera Traps JSON file
+  imagenet:ROOT         ImageNet-style <wnid>/ class folders (val, -A, -R, -Sketch)
 examples:
   python -m cache_builder build --source demo --out caches/demo
   python -m cache_builder build --source folder:val@in --source folder:sketch@out --out caches/shift
@@ -62,6 +66,10 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--allow-outside", action="store_true",
                        help="let manifest paths and links point outside the source's folder")
     build.add_argument("--demo-size", type=int, help="number of images of the demo source (default: 1500)")
+    build.add_argument("--split", action="append", default=[], metavar="SPLIT",
+                       help="iwildcam sources: only this split (repeatable; train, id_val, id_test, val, test)")
+    build.add_argument("--domain-locations", metavar="FILE",
+                       help="coco-cameratraps sources: file of in-domain locations, one per line; others are out")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = commands.add_parser(
@@ -88,8 +96,12 @@ def run_build(args: argparse.Namespace) -> int:
     from cache_builder.sources import SourceOptions, parse_source
 
     source_options = SourceOptions(multilabel=tuple(args.multilabel), sep=args.sep,
-                                   allow_outside=args.allow_outside, demo_size=args.demo_size)
+                                   allow_outside=args.allow_outside, demo_size=args.demo_size,
+                                   splits=tuple(args.split), domain_locations=args.domain_locations)
     sources = [parse_source(spec, source_options) for spec in args.source]
+    for source in sources:
+        for reason, count in source.notes.items():
+            print(f"note: {source.spec}: {count} {reason} left out", file=sys.stderr)
     options = BuildOptions(model=args.model, layer=args.layer, weights=args.weights, image_size=args.image_size,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
                            overwrite=args.overwrite, limit=args.limit)

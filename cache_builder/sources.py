@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 from PIL import Image, ImageOps
 
+from cache_builder import dataset_formats
 from cache_builder.errors import BuildError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -40,9 +42,13 @@ class Source:
     domain: str | None
     items: list[SourceItem] = field(default_factory=list)
     demo_seed: int | None = None
+    notes: Counter = field(default_factory=Counter)  # rows dropped while listing, by reason
 
     def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "domain": self.domain, "images": len(self.items)}
+        described = {"spec": self.spec, "kind": self.kind, "domain": self.domain, "images": len(self.items)}
+        if self.notes:
+            described["dropped"] = dict(self.notes)
+        return described
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class SourceOptions:
     allow_outside: bool = False
     demo_size: int | None = None
     demo_seed: int = 0
+    splits: tuple[str, ...] = ()  # iwildcam: only these splits
+    domain_locations: str | None = None  # coco-cameratraps: file of in-domain locations
 
 
 def split_domain(spec: str) -> tuple[str, str | None]:
@@ -130,7 +138,9 @@ def _list_folder(arg: str, options: SourceOptions, source: Source) -> list[Sourc
                     f"folder source: '{rel}' is a link to a file outside {root}; pass --allow-outside to follow it"
                 )
             label = rel.parts[0] if len(rel.parts) > 1 else None
-            items.append(SourceItem(path=rel.as_posix(), metadata={"label": label}, file=str(real)))
+            label = None if label is None else dataset_formats.display_path(root / label, root)
+            items.append(SourceItem(path=dataset_formats.display_path(full, root), metadata={"label": label},
+                                    file=str(real)))
     return items
 
 
@@ -227,6 +237,10 @@ _LISTERS: dict[str, Callable[[str, SourceOptions, Source], list[SourceItem]]] = 
     "demo": _list_demo,
     "folder": _list_folder,
     "csv": _list_csv,
+    "iwildcam": dataset_formats.list_iwildcam,
+    "chestxray14": dataset_formats.list_chestxray14,
+    "coco-cameratraps": dataset_formats.list_coco_cameratraps,
+    "imagenet": dataset_formats.list_imagenet,
 }
 
 
