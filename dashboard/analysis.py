@@ -127,7 +127,13 @@ def dataset_mismatch(paths_a: Sequence[str], paths_b: Sequence[str]) -> str | No
     return None
 
 
-def chartable_columns(column_types: dict[str, str], exclude: Sequence[str] = ("id", "path")) -> list[str]:
-    """Columns worth grouping by: text, booleans and lists of text. Numbers and dates are ranges, not groups."""
+MAX_GROUPS = 60
+
+
+def chartable_columns(column_types: dict[str, str], distinct: dict[str, int] | None = None,
+                      exclude: Sequence[str] = ("id", "path")) -> list[str]:
+    """Columns worth grouping by: text, booleans and lists of text with at most MAX_GROUPS values (when
+    `distinct` counts are given). Numbers and dates are ranges, not groups; ids and JSON are not groups either."""
     return [c for c, kind in column_types.items()
-            if c not in exclude and kind in ("VARCHAR", "BOOLEAN", "VARCHAR[]")]
+            if c not in exclude and kind in ("VARCHAR", "BOOLEAN", "VARCHAR[]")
+            and (distinct is None or 1 <= distinct.get(c, 0) <= MAX_GROUPS)]

@@ -6,6 +6,7 @@ every value bound as a parameter: a filter value never becomes SQL text.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,22 @@ class MetadataStore:
         else:
             sql = f"SELECT DISTINCT {ident} AS v FROM {METADATA_TABLE} ORDER BY v NULLS LAST LIMIT ?"
         return [row[0] for row in self._query(sql, [limit]).fetchall()]
+
+    @functools.cached_property
+    def distinct_counts(self) -> dict[str, int]:
+        """Distinct values per column (list columns: per element), computed once per opened cache."""
+        parts = [
+            f"(SELECT count(DISTINCT v) FROM (SELECT unnest({quote_identifier(c)}) AS v FROM {METADATA_TABLE}))"
+            if self.is_list(c) else f"count(DISTINCT {quote_identifier(c)})"
+            for c in self.columns
+        ]
+        row = self._query(f"SELECT {', '.join(parts)} FROM {METADATA_TABLE}").fetchone()
+        return dict(zip(self.columns, (int(v) for v in row)))
+
+    def chartable_columns(self) -> list[str]:
+        from dashboard.analysis import chartable_columns
+
+        return chartable_columns(self.column_types, self.distinct_counts)
 
     def value_range(self, column: str) -> tuple[Any, Any]:
         ident = self._check_column(column)

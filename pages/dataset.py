@@ -28,7 +28,7 @@ if len(ids) == 0:
     st.stop()
 
 table = store.rows(ids)
-chartable = analysis.chartable_columns(store.column_types)
+chartable = store.chartable_columns()
 if chartable:
     st.subheader("Counts per column")
     columns = st.columns(min(3, len(chartable)))

@@ -42,7 +42,7 @@ grid = cache.grid[:2]
 with st.sidebar:
     k = st.number_input("Number of hits (k)", min_value=1, max_value=MAX_K, value=link.k, key="k")
     flt = ui.filters_ui(store, link.flt, key="search-filter")
-    group_options = [None] + [c for c in analysis.chartable_columns(store.column_types) if not store.is_list(c)]
+    group_options = [None] + [c for c in store.chartable_columns() if not store.is_list(c)]
     per_group = st.selectbox("Best image per group", group_options,
                              index=group_options.index(link.per_group) if link.per_group in group_options else 0,
                              format_func=lambda c: "(off)" if c is None else c, key="per-group",
@@ -154,7 +154,7 @@ for start in range(0, len(hits), HITS_PER_ROW):
 
 # ---- charts
 st.subheader("Hits by metadata")
-chartable = analysis.chartable_columns(store.column_types)
+chartable = store.chartable_columns()
 if chartable:
     default = chartable.index("domain") if "domain" in chartable else 0
     by = st.selectbox("Group by", chartable, index=default, key="chart-column")

@@ -77,6 +77,13 @@ def test_value_counts_and_chartable_columns():
     types = {"id": "BIGINT", "path": "VARCHAR", "domain": "VARCHAR", "age": "DOUBLE", "dx": "VARCHAR[]",
              "taken": "TIMESTAMP", "flag": "BOOLEAN"}
     assert analysis.chartable_columns(types) == ["domain", "dx", "flag"]
+    assert analysis.chartable_columns(types, {"domain": 2, "dx": 500, "flag": 2}) == ["domain", "flag"]
+
+
+def test_store_offers_only_columns_with_few_values(small_cache):
+    counts = small_cache.metadata.distinct_counts
+    assert counts["label"] == 3 and counts["diagnoses"] == 2 and counts["id"] == 40
+    assert small_cache.metadata.chartable_columns() == ["label", "domain", "location", "diagnoses"]
 
 
 def test_charts_data_from_a_real_search(small_cache):
