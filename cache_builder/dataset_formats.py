@@ -19,6 +19,12 @@ from cache_builder.errors import BuildError
 if TYPE_CHECKING:
     from cache_builder.sources import Source, SourceItem, SourceOptions
 
+
+def _root(arg: str, kind: str) -> Path:
+    from cache_builder.sources import existing_dir  # sources imports this module: import at call time
+
+    return existing_dir(arg, kind)
+
 IWILDCAM_IN_SPLITS = frozenset({"train", "id_val", "id_test"})
 IWILDCAM_OUT_SPLITS = frozenset({"val", "test"})
 
@@ -264,12 +270,3 @@ def _wnid_descriptions() -> dict[str, str]:
 
     info = ImageNetInfo()
     return {wnid: info.label_name_to_description(wnid).split(",")[0].strip() for wnid in info.label_names()}
-
-
-def _root(arg: str, kind: str) -> Path:
-    if not arg:
-        raise BuildError(f"{kind} source needs the dataset's folder, e.g. {kind}:/data/{kind}")
-    root = Path(arg).expanduser()
-    if not root.is_dir():
-        raise BuildError(f"{kind} source: '{arg}' is not a folder")
-    return root.resolve()

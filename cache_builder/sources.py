@@ -105,9 +105,9 @@ def _list_demo(arg: str, options: SourceOptions, source: Source) -> list[SourceI
     ]
 
 
-def _existing_dir(arg: str, what: str) -> Path:
+def existing_dir(arg: str, what: str) -> Path:
     if not arg:
-        raise BuildError(f"{what} source needs a path, e.g. {what}:/data/images")
+        raise BuildError(f"{what} source needs a folder, e.g. {what}:/data/{what}")
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise BuildError(f"{what} source: '{arg}' is not a folder")
@@ -123,7 +123,7 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 def _list_folder(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
-    root = _existing_dir(arg, "folder")
+    root = existing_dir(arg, "folder")
     items = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
