@@ -229,7 +229,8 @@ def pick_random_query(size: int) -> None:
 def requery(hit_id: int, hit: "pd.Series", grid: tuple[int, int]) -> None:
     """Button callback: the clicked hit becomes the query, its matched window the region."""
     region = np.zeros(grid, dtype=np.float32)
-    region[int(hit["row"]):int(hit["row"]) + int(hit["height"]), int(hit["col"]):int(hit["col"]) + int(hit["width"])] = 1
+    top, left = int(hit["row"]), int(hit["col"])
+    region[top:top + int(hit["height"]), left:left + int(hit["width"])] = 1
     st.session_state["query-source"] = "From the dataset"
     st.session_state.query_id = int(hit_id)
     st.session_state.preset_region = (int(hit_id), region)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import time
 
-import numpy as np
 import streamlit as st
 
 from dashboard import analysis, charts, export, rendering, ui
@@ -13,7 +12,7 @@ from dashboard.cache_format import CacheError
 from dashboard.metadata import FilterError
 from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache, window_score_map
 from dashboard.share import MAX_K, SearchState, from_params, to_params
-from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
+from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError
 
 HITS_PER_ROW = 5
 KEY_COLUMNS = ("domain", "location", "label", "species", "diagnoses", "split")

@@ -176,12 +176,13 @@ def test_exclude_query_and_best_per_group(small_cache):
 def test_hits_carry_display_windows_and_metadata(small_cache):
     features = small_cache.image_features(2)
     mask = np.zeros((48, 48), dtype=bool)
-    mask[8:24, 16:32] = True  # exactly the cells (1..2, 2..3) of the 8-px grid? 48/5 x 48/6 cells
+    mask[8:24, 16:32] = True  # on a 5x6 grid of a 48-px image (cells of 9.6 x 8 px)
     query = search.query_from_mask(features, mask, display_size=48)
     hits = search_cache(small_cache, query, k=3).hits
     first = hits.iloc[0]
     cell_h, cell_w = 48 / 5, 48 / 6
-    assert first["y0"] == round(first["row"] * cell_h) and first["x1"] == round((first["col"] + first["width"]) * cell_w)
+    assert first["y0"] == round(first["row"] * cell_h)
+    assert first["x1"] == round((first["col"] + first["width"]) * cell_w)
     assert {"label", "domain", "location", "age", "diagnoses", "path"} <= set(hits.columns)
 
 
