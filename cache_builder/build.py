@@ -140,24 +140,34 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
     manifest_path = out / fmt.MANIFEST_FILE
-    existing = [p.name for p in out.iterdir()]
-    if not existing:
+    if not any(out.iterdir()):
         return None
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    fingerprint_on_disk = (state or {}).get("fingerprint")
-    if fingerprint_on_disk is None and manifest_path.is_file():
-        fingerprint_on_disk = json.loads(manifest_path.read_text()).get("fingerprint")
-    if fingerprint_on_disk == fingerprint and not overwrite:
-        return state
-    if fingerprint_on_disk is None and not manifest_path.is_file():
+    if not state_path.is_file() and not manifest_path.is_file():
         raise BuildError(f"output folder {out} is not empty and holds no feature cache; choose an empty folder")
-    if not overwrite:
+    if overwrite:
+        remove_cache_files(out)
+        return None
+    state = _read_json(state_path)
+    fingerprint_on_disk = (state or _read_json(manifest_path) or {}).get("fingerprint")
+    if fingerprint_on_disk != fingerprint:
         raise BuildError(
             f"output folder {out} holds a different cache (other sources, model, layer or options); "
             "pass --overwrite to replace it"
         )
-    remove_cache_files(out)
-    return None
+    return state
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A state or manifest file, None when absent; a damaged one is an error that says how to start over."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BuildError(f"{path} is damaged ({exc}); pass --overwrite to rebuild this cache") from None
+    if not isinstance(data, dict):
+        raise BuildError(f"{path} is damaged (not a JSON object); pass --overwrite to rebuild this cache")
+    return data
 
 
 def remove_cache_files(out: Path) -> None:

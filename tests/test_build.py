@@ -230,3 +230,17 @@ def test_new_image_is_encoded_like_the_cached_ones(built, dataset):
     # any size of upload works: it is preprocessed like the cache's images
     _, other = encode_image(manifest, Image.new("RGB", (640, 200), (30, 90, 200)))
     assert other.shape == (3, 3, 320)
+
+
+def test_damaged_build_state_is_a_clear_error_and_overwrite_recovers(tmp_path):
+    sources = [parse_source("demo", SourceOptions(demo_size=8))]
+
+    def stop(done: int, total: int) -> None:
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_cache(sources, tmp_path, BuildOptions(**SMALL), on_progress=stop)
+    (tmp_path / STATE_FILE).write_text("{truncated")
+    with pytest.raises(BuildError, match="damaged.*--overwrite"):
+        build_cache(sources, tmp_path, BuildOptions(**SMALL))
+    assert build_cache(sources, tmp_path, BuildOptions(**SMALL, overwrite=True)).image_count == 8
