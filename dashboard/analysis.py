@@ -1,7 +1,8 @@
 """The data behind the charts: tidy DataFrames a page hands straight to plotly express.
 
-Every function accepts list columns (an image with several diagnoses counts once for each) and NULLs (shown
-as "(missing)"), and returns an empty frame with the right columns when there is nothing to count.
+Every function accepts list columns (an image with several diagnoses counts once for each value, and an
+empty list counts for none) and NULLs (shown as "(missing)"), and returns an empty frame with the right columns
+when there is nothing to count.
 """
 
 from __future__ import annotations
@@ -9,20 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from dashboard.export import is_list_value
 
 MISSING = "(missing)"
+NONE = "(none)"  # an empty list: the image is known to have no value, unlike a NULL
 OTHER = "(other)"
 
 
 def _values(cell: Any) -> list[str]:
-    """The values one image contributes to a column's counts: all of a list, or the one scalar."""
+    """The values one image contributes to a column's counts: each distinct value of a list, or the one scalar."""
     if is_list_value(cell):
         return sorted({str(v) for v in cell})
-    if cell is None or cell is pd.NA or (isinstance(cell, float) and np.isnan(cell)):
+    if pd.isna(cell):
         return [MISSING]
     return [str(cell)]
 
@@ -40,14 +41,18 @@ def value_counts(table: pd.DataFrame, column: str, limit: int = 30) -> pd.DataFr
 
 
 def composition(hits: pd.DataFrame, searched: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Share of each value among the hits next to its share in the searched set: is the top-k unusual?"""
+    """Share of each value among the hits next to its share in the searched set: is the top-k unusual?
+
+    Every value of either set is listed, so a value the hits lack shows up with lift 0. Shares are fractions of
+    images: for a scalar column each set's shares sum to 1, for a list column they may sum to more or less.
+    """
     columns = ["value", "hits", "hits_share", "searched", "searched_share", "lift"]
     if hits.empty or searched.empty:
         return pd.DataFrame(columns=columns)
     in_hits = _images_per_value(hits[column])
     in_searched = _images_per_value(searched[column])
     frame = pd.DataFrame({"hits": in_hits, "searched": in_searched}).fillna(0).astype(int)
-    frame = frame[frame["hits"] > 0].rename_axis("value").reset_index()
+    frame = frame.rename_axis("value").reset_index()
     frame["hits_share"] = frame["hits"] / len(hits)
     frame["searched_share"] = frame["searched"] / len(searched)
     frame["lift"] = frame["hits_share"] / frame["searched_share"].where(frame["searched_share"] > 0)
@@ -56,23 +61,32 @@ def composition(hits: pd.DataFrame, searched: pd.DataFrame, column: str) -> pd.D
 
 def score_distribution(scores: pd.DataFrame, searched: pd.DataFrame, column: str,
                        max_groups: int = 12) -> pd.DataFrame:
-    """Every searched image's score labelled with its group; rare groups are pooled so the legend stays legible."""
+    """Every searched image's score labelled with its group, to see whether the region favours a group.
+
+    `searched` needs `id` and `column`. An image appears once per value of a list column ("(none)" for an empty
+    list). Beyond `max_groups` groups the most frequent `max_groups - 1` stay (ties by name) and the rest are
+    pooled as "(other)", so the legend stays legible.
+    """
     if scores.empty:
         return pd.DataFrame(columns=["id", "score", "group"])
     groups = searched[["id", column]].copy()
-    groups["group"] = groups[column].map(_values)
+    groups["group"] = groups[column].map(lambda cell: _values(cell) or [NONE])
     frame = scores.merge(groups[["id", "group"]], on="id", how="left").explode("group")
-    frame["group"] = frame["group"].fillna(MISSING)
+    frame["group"] = frame["group"].fillna(MISSING)  # an id absent from `searched` has no metadata
     counts = frame["group"].value_counts()
     if len(counts) > max_groups:
-        keep = set(counts.index[: max_groups - 1])
+        keep = sorted(counts.index, key=lambda group: (-counts[group], group))[: max_groups - 1]
         frame.loc[~frame["group"].isin(keep), "group"] = OTHER
     return frame[["id", "score", "group"]].reset_index(drop=True)
 
 
 def label_agreement(hits: pd.DataFrame, query_label: Any, label_column: str,
                     domain_column: str | None = "domain") -> pd.DataFrame:
-    """Share of hits that carry the query's label (for lists: share at least one value), per hit domain."""
+    """Share of hits that carry the query's label (for lists: share at least one value), per hit domain and
+    "all": does the top-k find the same kind of thing, and does that hold in every domain?
+
+    A NULL query label agrees with nothing; hits with a NULL domain form the "(missing)" domain.
+    """
     columns = ["domain", "hits", "agreeing", "share"]
     if hits.empty:
         return pd.DataFrame(columns=columns)
@@ -91,7 +105,10 @@ def label_agreement(hits: pd.DataFrame, query_label: Any, label_column: str,
 
 
 def value_enrichment(hits: pd.DataFrame, searched: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Each value's rate among the hits against its prevalence: which diagnoses does the region pull in?"""
+    """Each value's rate among the hits against its prevalence: which diagnoses does the region pull in?
+
+    Rates are fractions of images (an image with a value twice counts once). A scalar column works too.
+    """
     columns = ["value", "hit_rate", "prevalence", "hits_with", "searched_with", "enrichment"]
     if hits.empty or searched.empty:
         return pd.DataFrame(columns=columns)
@@ -106,7 +123,7 @@ def value_enrichment(hits: pd.DataFrame, searched: pd.DataFrame, column: str) ->
 
 
 def overlap(a_ids: Iterable[int], b_ids: Iterable[int]) -> dict[str, Any]:
-    """How much two top-k lists agree (two models or two layers on the same query)."""
+    """How much two top-k lists agree (two models or two layers on the same query); two empty lists agree."""
     a, b = {int(i) for i in a_ids}, {int(i) for i in b_ids}
     union = a | b
     return {

@@ -40,8 +40,18 @@ def _cell_edges(size: int, cells: int) -> np.ndarray:
 
 
 def cell_scores(window_scores: np.ndarray, grid: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
-    """(H, W) map: each cell takes the best score of the windows covering it, so the peak shows the match."""
+    """(H, W) map: each cell takes the best score of the windows covering it.
+
+    The maximum, not the mean: a cell lights up as much as the best match it is part of, so the hit's chosen
+    window is uniformly at the peak colour and its area reads as one block. A mean would blur the peak into the
+    neighbouring windows, which share most of their cells.
+    """
+    window_scores = np.asarray(window_scores, dtype=np.float64)
     h, w = window
+    expected = (grid[0] - h + 1, grid[1] - w + 1)
+    if window_scores.shape != expected:
+        raise ValueError(f"a {h}x{w} window on a {grid[0]}x{grid[1]} grid has {expected} positions, "
+                         f"got scores of shape {window_scores.shape}")
     cells = np.full(grid, -1.0)
     for y in range(window_scores.shape[0]):
         for x in range(window_scores.shape[1]):
@@ -52,8 +62,12 @@ def cell_scores(window_scores: np.ndarray, grid: tuple[int, int], window: tuple[
 
 def heatmap_overlay(image: Image.Image, window_scores: np.ndarray, grid: tuple[int, int],
                     window: tuple[int, int], alpha: float = 0.45) -> Image.Image:
-    """The image with cells coloured by similarity (scores scaled to this image's own min..max)."""
-    cells = cell_scores(np.asarray(window_scores, dtype=np.float64), grid, window)
+    """The image with cells coloured by similarity, alpha-blended (see `cell_scores` for window -> cell).
+
+    Scores are scaled to this image's own min..max, so the map shows where in the image the match is, not how
+    good it is (the score caption says that). Cell edges are the feature grid's, rounded to whole pixels.
+    """
+    cells = cell_scores(window_scores, grid, window)
     lo, hi = cells.min(), cells.max()
     scaled = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
     base = np.asarray(image.convert("RGB"), dtype=np.float64)

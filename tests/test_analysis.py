@@ -1,3 +1,5 @@
+"""Chart data, checked number by number on a hand-built table and for invariants on a real search."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -5,67 +7,141 @@ import pandas as pd
 import pytest
 
 from dashboard import analysis
+from dashboard.metadata import MetadataFilter
 from dashboard.search import RegionQuery, search_cache
 
+# Ten searched images. Lists come as Python lists or numpy arrays (as DuckDB returns them), with an empty list,
+# a NULL list and a repeated value; labels and domains have NULLs.
 SEARCHED = pd.DataFrame({
     "id": range(10),
     "domain": ["in"] * 6 + ["out"] * 4,
     "label": ["cat", "cat", "dog", "dog", "owl", None, "cat", "dog", "dog", "owl"],
-    "diagnoses": [["a", "b"], ["b"], [], ["a"], ["c"], ["a", "c"], [], ["b"], ["a", "b"], []],
+    "diagnoses": [["a", "b"], ["b"], [], ["a", "a"], ["c"], ["a", "c"], None, np.array(["b"]),
+                  np.array(["a", "b"]), []],
 })
-HITS = SEARCHED.iloc[[0, 1, 6, 7]].reset_index(drop=True)
+# hits: labels cat, cat, NULL, cat, dog; domains in, in, in, out, out
+HITS = SEARCHED.iloc[[0, 1, 5, 6, 7]].reset_index(drop=True)
+SCORES = pd.DataFrame({"id": range(10), "score": np.arange(10) / 10})
 
 
-def test_composition_shares_and_lift():
-    frame = analysis.composition(HITS, SEARCHED, "label").set_index("value")
-    assert frame.loc["cat", "hits"] == 3 and frame.loc["cat", "hits_share"] == pytest.approx(0.75)
-    assert frame.loc["cat", "searched_share"] == pytest.approx(0.3)
-    assert frame.loc["cat", "lift"] == pytest.approx(2.5)
-    assert "(missing)" not in frame.index and frame["hits_share"].sum() == pytest.approx(1.0)
+def test_composition_lists_every_value_with_shares_and_lift():
+    frame = analysis.composition(HITS, SEARCHED, "label")
+    assert list(frame["value"]) == ["cat", "(missing)", "dog", "owl"]  # hits desc, then value
+    assert list(frame["hits"]) == [3, 1, 1, 0] and list(frame["searched"]) == [3, 1, 4, 2]
+    np.testing.assert_allclose(frame["hits_share"], [0.6, 0.2, 0.2, 0.0])
+    np.testing.assert_allclose(frame["searched_share"], [0.3, 0.1, 0.4, 0.2])
+    np.testing.assert_allclose(frame["lift"], [2.0, 2.0, 0.5, 0.0])
+    assert frame["hits_share"].sum() == pytest.approx(1) and frame["searched_share"].sum() == pytest.approx(1)
 
 
 def test_composition_counts_each_list_value_once_per_image():
     frame = analysis.composition(HITS, SEARCHED, "diagnoses").set_index("value")
-    assert frame.loc["b", "hits"] == 3 and frame.loc["a", "hits"] == 1
-    assert frame.loc["a", "searched"] == 4
+    assert frame["hits"].to_dict() == {"b": 3, "a": 2, "(missing)": 1, "c": 1}
+    assert frame["searched"].to_dict() == {"b": 4, "a": 4, "(missing)": 1, "c": 2}  # ["a", "a"] counts once
+    assert frame.loc["b", "hits_share"] == pytest.approx(0.6) and frame.loc["b", "lift"] == pytest.approx(1.5)
+    assert list(frame.index) == ["b", "a", "(missing)", "c"]
 
 
-def test_empty_hits_give_empty_frames():
-    empty = HITS.iloc[:0]
-    assert analysis.composition(empty, SEARCHED, "label").empty
-    assert analysis.value_enrichment(empty, SEARCHED, "diagnoses").empty
-    assert list(analysis.label_agreement(empty, "cat", "label").columns) == ["domain", "hits", "agreeing", "share"]
+def test_score_distribution_labels_every_score_with_its_group():
+    frame = analysis.score_distribution(SCORES, SEARCHED, "label")
+    assert list(frame.columns) == ["id", "score", "group"] and list(frame["id"]) == list(range(10))
+    assert list(frame["group"]) == ["cat", "cat", "dog", "dog", "owl", "(missing)", "cat", "dog", "dog", "owl"]
+    np.testing.assert_allclose(frame["score"], SCORES["score"])
 
 
-def test_score_distribution_groups_and_pools_rare_values():
-    scores = pd.DataFrame({"id": range(10), "score": np.linspace(0, 1, 10)})
-    frame = analysis.score_distribution(scores, SEARCHED, "label")
-    assert len(frame) == 10 and set(frame["group"]) == {"cat", "dog", "owl", "(missing)"}
-    pooled = analysis.score_distribution(scores, SEARCHED, "label", max_groups=2)
-    assert set(pooled["group"]) == {"dog", "(other)"} or set(pooled["group"]) == {"cat", "(other)"}
-    exploded = analysis.score_distribution(scores, SEARCHED, "diagnoses")
-    assert (exploded["id"] == 0).sum() == 2  # in groups a and b
+def test_score_distribution_pools_rare_groups_into_other():
+    frame = analysis.score_distribution(SCORES, SEARCHED, "label", max_groups=3)
+    # dog (4) and cat (3) stay; owl (2) and (missing) (1) are pooled
+    assert list(frame["group"]) == ["cat", "cat", "dog", "dog", "(other)", "(other)", "cat", "dog", "dog", "(other)"]
+    assert set(analysis.score_distribution(SCORES, SEARCHED, "label", max_groups=4)["group"]) == {
+        "cat", "dog", "owl", "(missing)"}  # exactly max_groups groups: nothing pooled
+
+
+def test_score_distribution_explodes_list_columns():
+    frame = analysis.score_distribution(SCORES, SEARCHED, "diagnoses")
+    groups = frame.groupby("id")["group"].apply(sorted).to_dict()
+    assert groups[0] == ["a", "b"] and groups[3] == ["a"] and groups[2] == ["(none)"] and groups[6] == ["(missing)"]
+    assert len(frame) == 13
+    assert frame.loc[frame["id"] == 0, "score"].tolist() == [0.0, 0.0]
+
+
+def test_score_distribution_breaks_frequency_ties_by_name():
+    searched = pd.DataFrame({"id": range(5), "site": ["zeta", "zeta", "alpha", "alpha", "mu"]})
+    frame = analysis.score_distribution(SCORES.iloc[:5], searched, "site", max_groups=2)
+    assert list(frame["group"]) == ["(other)", "(other)", "alpha", "alpha", "(other)"]
+
+
+def test_score_distribution_of_an_id_without_metadata_is_missing():
+    frame = analysis.score_distribution(pd.DataFrame({"id": [0, 42], "score": [0.5, 0.7]}), SEARCHED, "label")
+    assert list(frame["group"]) == ["cat", "(missing)"]
 
 
 def test_label_agreement_per_domain():
     frame = analysis.label_agreement(HITS, "cat", "label").set_index("domain")
-    assert frame.loc["in", "share"] == 1.0 and frame.loc["out", "share"] == 0.5
-    assert frame.loc["all", "agreeing"] == 3
-    lists = analysis.label_agreement(HITS, np.array(["a"]), "diagnoses").set_index("domain")
-    assert lists.loc["all", "agreeing"] == 1
+    assert list(frame.index) == ["in", "out", "all"]
+    assert frame["hits"].to_dict() == {"in": 3, "out": 2, "all": 5}
+    assert frame["agreeing"].to_dict() == {"in": 2, "out": 1, "all": 3}  # a NULL label does not agree
+    np.testing.assert_allclose(frame["share"], [2 / 3, 0.5, 0.6])
 
 
-def test_value_enrichment():
-    frame = analysis.value_enrichment(HITS, SEARCHED, "diagnoses").set_index("value")
-    assert frame.loc["b", "hit_rate"] == pytest.approx(0.75)
-    assert frame.loc["b", "prevalence"] == pytest.approx(0.4)
-    assert frame.loc["b", "enrichment"] == pytest.approx(0.75 / 0.4)
-    assert frame.index[0] == "b"
+@pytest.mark.parametrize("query", [["a", "c"], np.array(["c", "a"])])
+def test_label_agreement_with_list_labels_needs_one_shared_value(query):
+    frame = analysis.label_agreement(HITS, query, "diagnoses").set_index("domain")
+    # [a, b] and [a, c] share a value; [b], NULL and [b] do not
+    assert frame["agreeing"].to_dict() == {"in": 2, "out": 0, "all": 2}
 
 
-def test_overlap_and_dataset_mismatch():
-    result = analysis.overlap([1, 2, 3], [3, 4])
-    assert result["common"] == [3] and result["only_a"] == [1, 2] and result["jaccard"] == pytest.approx(0.25)
+def test_label_agreement_without_domains_or_label():
+    assert analysis.label_agreement(HITS, "cat", "label", None)["domain"].tolist() == ["all"]
+    assert analysis.label_agreement(HITS, "cat", "label", "site")["domain"].tolist() == ["all"]
+    assert analysis.label_agreement(HITS, None, "label").set_index("domain").loc["all", "agreeing"] == 0
+    no_domain = HITS.assign(domain=[None, "in", "in", None, "out"])
+    frame = analysis.label_agreement(no_domain, "cat", "label").set_index("domain")
+    assert frame.loc["(missing)", "hits"] == 2 and frame.loc["(missing)", "agreeing"] == 2
+
+
+def test_value_enrichment_of_a_list_column():
+    frame = analysis.value_enrichment(HITS, SEARCHED, "diagnoses")
+    assert list(frame.columns) == ["value", "hit_rate", "prevalence", "hits_with", "searched_with", "enrichment"]
+    assert list(frame["value"]) == ["(missing)", "b", "a", "c"]  # enrichment desc, ties by value
+    frame = frame.set_index("value")
+    assert frame["hits_with"].to_dict() == {"(missing)": 1, "b": 3, "a": 2, "c": 1}
+    assert frame["searched_with"].to_dict() == {"(missing)": 1, "b": 4, "a": 4, "c": 2}
+    np.testing.assert_allclose(frame.loc[["b", "a"], "hit_rate"], [0.6, 0.4])
+    np.testing.assert_allclose(frame.loc[["b", "a"], "prevalence"], [0.4, 0.4])
+    np.testing.assert_allclose(frame["enrichment"], [2.0, 1.5, 1.0, 1.0])
+
+
+def test_value_enrichment_of_a_scalar_column_includes_absent_values():
+    frame = analysis.value_enrichment(HITS, SEARCHED, "label").set_index("value")
+    assert frame.loc["owl", "hits_with"] == 0 and frame.loc["owl", "enrichment"] == 0
+    assert frame.loc["dog", "enrichment"] == pytest.approx(0.5)
+    assert frame["hit_rate"].sum() == pytest.approx(1) and frame["prevalence"].sum() == pytest.approx(1)
+
+
+def test_empty_inputs_give_empty_frames_with_the_columns():
+    empty = HITS.iloc[:0]
+    cases = {
+        ("value", "hits", "hits_share", "searched", "searched_share", "lift"):
+            analysis.composition(empty, SEARCHED, "label"),
+        ("value", "hit_rate", "prevalence", "hits_with", "searched_with", "enrichment"):
+            analysis.value_enrichment(empty, SEARCHED, "diagnoses"),
+        ("domain", "hits", "agreeing", "share"): analysis.label_agreement(empty, "cat", "label"),
+        ("id", "score", "group"): analysis.score_distribution(SCORES.iloc[:0], SEARCHED, "label"),
+    }
+    for columns, frame in cases.items():
+        assert frame.empty and tuple(frame.columns) == columns
+
+
+def test_overlap():
+    result = analysis.overlap([1, 2, 3], np.array([3, 4, 4]))
+    assert result == {"common": [3], "only_a": [1, 2], "only_b": [4], "jaccard": pytest.approx(0.25)}
+    assert analysis.overlap([5, 6], [6, 5])["jaccard"] == 1.0
+    assert analysis.overlap([], [])["jaccard"] == 1.0
+    assert analysis.overlap([1], [])["jaccard"] == 0.0
+
+
+def test_dataset_mismatch():
     assert analysis.dataset_mismatch(["a", "b"], ["a", "b"]) is None
     assert "2 and 3" in analysis.dataset_mismatch(["a", "b"], ["a", "b", "c"])
     assert "'x'" in analysis.dataset_mismatch(["a", "x"], ["a", "b"])
@@ -87,12 +163,35 @@ def test_store_offers_only_columns_with_few_values(small_cache):
 
 
 def test_charts_data_from_a_real_search(small_cache):
-    query = RegionQuery.from_grid_mask(small_cache.image_features(5), np.ones((5, 6)))
-    result = search_cache(small_cache, query, k=8)
-    searched = small_cache.metadata.rows(result.scores["id"])
-    shares = analysis.composition(result.hits, searched, "domain")
-    assert shares["hits"].sum() == 8 and shares["searched"].sum() <= 40
+    """What the search page does: hits plus the metadata of every searched image, here a filtered subset."""
+    store = small_cache.metadata
+    query = RegionQuery.from_grid_mask(small_cache.image_features(5), np.pad(np.ones((2, 3)), ((1, 2), (2, 1))))
+    result = search_cache(small_cache, query, k=8, flt=MetadataFilter(equals={"domain": ["in"]}))
+    searched = store.rows(result.scores["id"])
+    assert len(result.hits) == 8 and len(searched) == result.searched_count == 25
+
+    shares = analysis.composition(result.hits, searched, "location")
+    assert shares["hits"].sum() == 8 and shares["searched"].sum() == 25
+    assert shares["hits_share"].sum() == pytest.approx(1) and shares["searched_share"].sum() == pytest.approx(1)
+    in_hits = result.hits["location"].value_counts().reindex(shares["value"], fill_value=0)
+    assert shares["hits"].tolist() == in_hits.tolist()  # values no hit has are listed with 0
+    assert set(shares["value"]) == {f"loc{i}" for i in range(5)}
+
     distribution = analysis.score_distribution(result.scores, searched, "location")
-    assert len(distribution) == 40 and distribution["group"].nunique() == 5
-    enrichment = analysis.value_enrichment(result.hits, searched, "diagnoses")
-    assert (enrichment["hits_with"] <= 8).all()
+    assert sorted(distribution["id"]) == sorted(result.scores["id"]) and distribution["group"].nunique() == 5
+    merged = distribution.merge(result.scores, on="id", suffixes=("", "_searched"))
+    np.testing.assert_allclose(merged["score"], merged["score_searched"])
+    # diagnoses: [a, b] for id % 4 == 0, [b] for id % 4 == 1, else [] -> one row per value, or one "(none)"
+    by_diagnosis = analysis.score_distribution(result.scores, searched, "diagnoses")
+    assert len(by_diagnosis) == 25 + int((searched["id"] % 4 == 0).sum())
+
+    enrichment = analysis.value_enrichment(result.hits, searched, "diagnoses").set_index("value")
+    hit_ids = result.hits["id"]
+    expected_hits = {"a": int((hit_ids % 4 == 0).sum()), "b": int((hit_ids % 4 <= 1).sum())}
+    assert enrichment["hits_with"].to_dict() == expected_hits
+    assert enrichment["searched_with"].to_dict() == {"a": 7, "b": 13}  # ids 0..24
+    np.testing.assert_allclose(enrichment["enrichment"], enrichment["hit_rate"] / enrichment["prevalence"])
+
+    agreement = analysis.label_agreement(result.hits, "owl", "label").set_index("domain")
+    assert list(agreement.index) == ["in", "all"] and agreement.loc["all", "hits"] == 8
+    assert agreement.loc["all", "agreeing"] == int((result.hits["label"] == "owl").sum())
