@@ -20,6 +20,7 @@ sources (repeat --source to combine them into one cache; @DOMAIN tags each image
   chestxray14:ROOT      NIH ChestX-ray14 (Data_Entry_2017*.csv, images*/, BBox_List_2017.csv)
   coco-cameratraps:JSON[:IMAGE_ROOT]   a LILA COCO Camera Traps JSON file
   imagenet:ROOT         ImageNet-style <wnid>/ class folders (val, -A, -R, -Sketch)
+  --split SPLIT (iwildcam) and --domain-locations FILE (coco-cameratraps) select splits and domains
 examples:
   python -m cache_builder build --source demo --out caches/demo
   python -m cache_builder build --source folder:val@in --source folder:sketch@out --out caches/shift
@@ -44,7 +45,9 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
     )
     build.add_argument("--source", action="append", required=True, metavar="SOURCE",
-                       help="demo | folder:PATH | csv:PATH, each optionally suffixed @DOMAIN (repeatable)")
+                       help="demo | folder:PATH | csv:PATH | iwildcam:ROOT | chestxray14:ROOT | "
+                       "coco-cameratraps:JSON[:IMAGE_ROOT] | imagenet:ROOT, each optionally suffixed @DOMAIN "
+                       "(repeatable; see the list below)")
     build.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"model name (torchvision or timm) or TorchScript file (default: {DEFAULT_MODEL})")
     build.add_argument("--layer", help="module name whose output is cached (default: the model's default layer; "
@@ -92,6 +95,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run_build(args: argparse.Namespace) -> int:
     from cache_builder.build import BuildOptions, build_cache
+    from cache_builder.dataset_formats import KEPT_REASONS
     from cache_builder.sources import SourceOptions, parse_source
 
     source_options = SourceOptions(multilabel=tuple(args.multilabel), sep=args.sep,
@@ -100,7 +104,8 @@ def run_build(args: argparse.Namespace) -> int:
     sources = [parse_source(spec, source_options) for spec in args.source]
     for source in sources:
         for reason, count in source.notes.items():
-            print(f"note: {source.spec}: {count} {reason} left out", file=sys.stderr)
+            fate = "kept with an unknown class" if reason in KEPT_REASONS else "left out"
+            print(f"note: {source.spec}: {count} {reason} ({fate})", file=sys.stderr)
     options = BuildOptions(model=args.model, layer=args.layer, weights=args.weights, image_size=args.image_size,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
                            overwrite=args.overwrite, limit=args.limit)

@@ -27,9 +27,18 @@ def metadata_frame(rows: list[tuple[Source, SourceItem]]) -> pd.DataFrame:
     plain = [c for c in frame.columns if c not in list_columns]
     frame[plain] = frame[plain].convert_dtypes()
     for column in list_columns:
-        frame[column] = frame[column].map(lambda v: [str(x) for x in v] if isinstance(v, list) else [])
+        frame[column] = frame[column].map(_as_list)
     frame.attrs["list_columns"] = list_columns
     return frame
+
+
+def _as_list(value: Any) -> list[str]:
+    """A list cell as text; a scalar from a source that stores the column as text becomes a one-value list."""
+    if isinstance(value, list):
+        return [str(x) for x in value]
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return []
+    return [str(value)]
 
 
 def write_metadata(path: Path, rows: list[tuple[Source, SourceItem]]) -> None:

@@ -43,9 +43,12 @@ class Source:
     items: list[SourceItem] = field(default_factory=list)
     demo_seed: int | None = None
     notes: Counter = field(default_factory=Counter)  # rows dropped while listing, by reason
+    label_column: str | None = None  # the metadata column holding an image's class, where the format has one
 
     def describe(self) -> dict[str, Any]:
         described = {"spec": self.spec, "kind": self.kind, "domain": self.domain, "images": len(self.items)}
+        if self.label_column:
+            described["label_column"] = self.label_column
         if self.notes:
             described["dropped"] = dict(self.notes)
         return described
@@ -95,6 +98,7 @@ def _list_demo(arg: str, options: SourceOptions, source: Source) -> list[SourceI
         raise BuildError(f"the demo source takes no argument (got 'demo:{arg}')")
     n = options.demo_size or demo.DEFAULT_DEMO_SIZE
     source.demo_seed = options.demo_seed
+    source.label_column = "species"
     return [
         SourceItem(
             path=f"demo/{f.metadata['location']}/{f.index:05d}.png",
@@ -124,6 +128,7 @@ def _inside(root: Path, path: Path) -> bool:
 
 def _list_folder(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
     root = existing_dir(arg, "folder")
+    source.label_column = "label"
     items = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
