@@ -12,9 +12,11 @@ What is compared, per configuration (N images x feature grid x centred binary ma
 It prints per-query median/p95 times, the speed-up, achieved GFLOP/s and GB/s, top-10 agreement with the
 reference, a 10% filtered search vs the full one, and PASS/FAIL for the targets.
 
-Run:  .venv/bin/python benchmarks/search.py            # N = 10,000 and 100,000 (about 10 minutes, 2 cores)
+Run:  .venv/bin/python benchmarks/search.py            # N = 10,000 and 100,000 (1.5-4 minutes on 2 cores)
       .venv/bin/python benchmarks/search.py --quick    # N = 10,000 only, fewer repetitions (smoke run)
-Caches are written once under benchmarks/out/caches (git-ignored; ~8 GB for 100k) and reused.
+      .venv/bin/python benchmarks/search.py --in-ram   # engine on arrays in RAM instead of the memmap
+Caches are written once under benchmarks/out/caches (git-ignored; ~8 GB for 100k, ~2 minutes) and reused.
+Timings are wall clock: other processes on the same cores inflate them (the load average is printed).
 """
 
 from __future__ import annotations
