@@ -12,9 +12,9 @@ from dashboard.cache_format import encode_features
 from dashboard.metadata import MetadataFilter
 from dashboard.search import QueryError, RegionQuery, box_mask, mask_to_grid, rank, score_windows, search_cache
 
-# bfloat16 rounds each per-cell dot product to 8 significant bits; by Cauchy-Schwarz the score error is at most
-# 2^-9 of ||M*Q|| * ||M*F||, i.e. 2^-9 in score units, plus float32 noise.
-SCORE_TOL = 2.0 ** -8
+# bfloat16 rounds each per-cell dot product (and, for a whole-grid box, the weighted query) to 8 significant bits;
+# by Cauchy-Schwarz each rounding costs at most 2^-9 in score units, so two of them plus float32 noise stay < 2^-7.
+SCORE_TOL = 2.0 ** -7
 
 
 def stored(features: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
