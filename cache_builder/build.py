@@ -178,6 +178,22 @@ def remove_cache_files(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
+def _allocate_array(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
+    """A zero-filled .npy file whose disk space is reserved now, before rows are written through a memory map.
+
+    Left sparse, the file takes its blocks as rows are written, and a memory-mapped write that finds the disk
+    full kills the process with SIGBUS: no message, no cleanup. Reserved, a full disk is an OSError (ENOSPC)
+    here, reported in one line by the CLI. (No reservation where the OS has no posix_fallocate, e.g. macOS.)
+    """
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            try:
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def _save_state(out: Path, state: dict[str, Any]) -> None:
     fmt.write_json_atomic(out / STATE_FILE, json.dumps(state))
 
@@ -218,12 +234,12 @@ def build_cache(
     if state is None:
         remove_cache_files(out)
         state = {"fingerprint": plan.fingerprint, "items": n, "done": 0, "skipped": [], "timings": {}}
-        np.lib.format.open_memmap(out / PARTIAL_FEATURES, mode="w+", dtype=np.uint16, shape=(n, h, w, c)).flush()
-        np.lib.format.open_memmap(out / PARTIAL_SQNORMS, mode="w+", dtype=np.float32, shape=(n, h, w)).flush()
+        _save_state(out, state)  # first: whatever fails next, a rerun recognises the folder and resumes
+    fmt.write_manifest(out, _manifest_for(plan, state, fmt.STATUS_BUILDING))
+    if state["done"] == 0:  # nothing extracted yet: (re)create the partial arrays
+        _allocate_array(out / PARTIAL_FEATURES, np.uint16, (n, h, w, c))
+        _allocate_array(out / PARTIAL_SQNORMS, np.float32, (n, h, w))
         (out / PARTIAL_IMAGES).mkdir(exist_ok=True)
-        _save_state(out, state)
-    manifest = _manifest_for(plan, state, fmt.STATUS_BUILDING)
-    fmt.write_manifest(out, manifest)
 
     if state["done"] < n:
         _extract(plan, out, state, options, on_progress)
@@ -311,7 +327,8 @@ def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
             continue
         source = np.load(out / partial, mmap_mode="r")
         tmp = out / f".{final}.tmp"
-        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(len(keep),) + source.shape[1:])
+        _allocate_array(tmp, source.dtype, (len(keep),) + source.shape[1:])
+        target = np.load(tmp, mmap_mode="r+")
         step = 4096
         for start in range(0, len(keep), step):
             target[start:start + step] = source[keep[start:start + step]]

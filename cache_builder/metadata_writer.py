@@ -9,6 +9,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from cache_builder.errors import BuildError
 from cache_builder.sources import Source, SourceItem
 from dashboard import cache_format as fmt
 from dashboard.sql import quote_identifier
@@ -51,14 +52,29 @@ def write_metadata_frame(path: Path, frame: pd.DataFrame) -> None:
         c for c in frame.columns if frame[c].map(lambda v: isinstance(v, list)).any()
     ]
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.unlink(missing_ok=True)
+    leftovers = (tmp, tmp.with_name(tmp.name + ".wal"))  # a stale write-ahead log would be replayed into tmp
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
     casts = ", ".join(
         f"CAST({quote_identifier(c)} AS VARCHAR[]) AS {quote_identifier(c)}" if c in list_columns
         else quote_identifier(c)
         for c in frame.columns
     )
-    with duckdb.connect(str(tmp)) as con:
-        con.register("frame", frame)
-        con.execute(f"CREATE TABLE {fmt.METADATA_TABLE} AS SELECT {casts} FROM frame ORDER BY id")
-        con.unregister("frame")
+    try:
+        with duckdb.connect(str(tmp)) as con:
+            # DuckDB guesses an object column's type from a sample of 1,000 rows; a list column whose sampled
+            # rows are all empty would get the type NULL[] and fail on the first value. Look at every row.
+            con.execute(f"SET pandas_analyze_sample = {max(len(frame), 1)}")
+            con.register("frame", frame)
+            con.execute(f"CREATE TABLE {fmt.METADATA_TABLE} AS SELECT {casts} FROM frame ORDER BY id")
+            con.unregister("frame")
+            # Move the table from the write-ahead log into the file now: a checkpoint that fails when the
+            # connection closes (disk full) is silent and leaves the table only in the .wal, which the rename
+            # below would leave behind, giving a metadata.duckdb without its table.
+            con.execute("CHECKPOINT")
+    except duckdb.Error as exc:
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        raise BuildError(f"could not write {path}: {str(exc).splitlines()[0]}; fix the cause and rerun the same "
+                         "command to resume (the extracted features are kept)") from None
     os.replace(tmp, path)

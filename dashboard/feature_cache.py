@@ -6,7 +6,6 @@ session of the process (and by every process on the machine), and the OS evicts 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +57,8 @@ class FeatureCache:
         return self.manifest.input_size
 
     def features(self) -> torch.Tensor:
-        """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write through it
-            return torch.from_numpy(self.features_bits).view(torch.bfloat16)
+        """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy); never write through it."""
+        return tensor_view(self.features_bits).view(torch.bfloat16)
 
     def image_features(self, image_id: int) -> np.ndarray:
         """(H, W, C) float32 features of one cached image: a query that needs no model run."""
@@ -81,6 +78,16 @@ class FeatureCache:
     def load_image(self, image_id: int) -> Image.Image:
         with Image.open(self.image_file(image_id)) as image:
             return image.convert("RGB")
+
+
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing memory with `array`, read-only memmaps included, made without a warning.
+
+    `torch.from_numpy` warns on read-only arrays, and silencing it per call with `warnings.catch_warnings` is not
+    thread-safe: that swaps the process-wide filter list, so two sessions interleaving leave an "ignore
+    UserWarning" filter installed for good. DLPack carries the read-only flag and makes the same zero-copy view.
+    """
+    return torch.from_dlpack(array)
 
 
 def _load_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
