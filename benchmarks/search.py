@@ -3,7 +3,9 @@
 What is compared, per configuration (N images x feature grid x centred binary mask):
 
 * engine -- a full query as the dashboard runs it: ``RegionQuery.from_grid_mask`` + ``score_windows`` over the
-  memory-mapped bfloat16 cache opened with ``FeatureCache`` + ``rank`` top-10, page cache warm;
+  memory-mapped bfloat16 cache opened with ``FeatureCache`` + ``rank`` top-10, page cache warm; by default the
+  native kernel (``dashboard/search_kernel.c``), ``--backend torch`` times the fallback for machines without a
+  C compiler;
 * reference -- ``reference_cached_search`` below, which re-implements ``CachedSearchTool`` of Ulrich & Fong's
   "Interactive Visual Feature Search" (two ``conv2d`` per batch of 500 float32 NCHW images held in RAM), in
   float32, fed the bfloat16-rounded features decoded from the same cache so both see the same numbers. It is
@@ -15,6 +17,7 @@ reference, a 10% filtered search vs the full one, and PASS/FAIL for the targets.
 Run:  .venv/bin/python benchmarks/search.py            # N = 10,000 and 100,000 (1.5-4 minutes on 2 cores)
       .venv/bin/python benchmarks/search.py --quick    # N = 10,000 only, fewer repetitions (smoke run)
       .venv/bin/python benchmarks/search.py --in-ram   # engine on arrays in RAM instead of the memmap
+      .venv/bin/python benchmarks/search.py --backend torch   # the fallback engine (no C compiler)
 Caches are written once under benchmarks/out/caches (git-ignored; ~8 GB for 100k, ~2 minutes) and reused.
 Timings are wall clock: other processes on the same cores inflate them (the load average is printed).
 """
@@ -41,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 from cache_builder.synthetic import write_array_cache  # noqa: E402
 from dashboard.cache_format import CacheError  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
-from dashboard.search import RegionQuery, rank, score_windows  # noqa: E402
+from dashboard.search import BACKENDS, RegionQuery, rank, score_windows  # noqa: E402
+from dashboard.search_kernel import kernel_status  # noqa: E402
 
 GRIDS = [(7, 7, 320), (14, 14, 112)]
 MASKS = {"1 cell": 1, "3x3": 3, "full": None}  # side of the centred square; None = the whole grid
@@ -186,11 +190,14 @@ def useful_flops(n: int, grid: tuple[int, int, int], mask: np.ndarray) -> float:
     return 2.0 * n * windows * int(np.count_nonzero(mask)) * grid[2]
 
 
+ENGINE_BACKEND: str | None = None  # set from --backend; None: what the dashboard would pick
+
+
 def engine_query(cache: FeatureCache, query: np.ndarray, mask: np.ndarray,
                  ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One full query as the dashboard runs it: top-k ids and scores."""
     region = RegionQuery.from_grid_mask(query, mask)
-    found = score_windows(cache.features(), cache.sqnorms, region, ids)
+    found = score_windows(cache.features(), cache.sqnorms, region, ids, backend=ENGINE_BACKEND)
     order = rank(found.scores, found.ids, TOP_K)
     return found.ids[order], found.scores[order]
 
@@ -377,6 +384,8 @@ def print_header(args: argparse.Namespace) -> None:
     log(f"command: {' '.join([sys.executable] + sys.argv)}")
     log(f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"load average {load_average()} (other processes share these cores; timings are wall clock)")
+    engine = "torch fallback (--backend torch)" if args.backend == "torch" else kernel_status()
+    log(f"engine: {engine}")
     log(f"sizes {args.sizes}, engine: {args.warmups} warm-up + {args.reps} timed queries per config, "
         f"reference: {args.ref_reps} timed queries on {REF_N:,} images (after a one-batch backend pick/warm-up)")
     log("data: seeded synthetic post-ReLU features (mixtures of shared sparse parts + noise, ~half zeros); caches "
@@ -520,9 +529,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-reps", type=int, help="timed reference queries per config (default 3; 2 with --quick)")
     parser.add_argument("--warmups", type=int, default=2, help="untimed engine queries per config (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads for both methods (default: torch's own)")
+    parser.add_argument("--backend", choices=BACKENDS, help="engine backend (default: native kernel if it builds)")
     parser.add_argument("--in-ram", action="store_true",
                         help="time the engine on arrays copied into RAM instead of the memory-mapped cache")
     args = parser.parse_args()
+    global ENGINE_BACKEND
+    ENGINE_BACKEND = args.backend
     if args.threads:
         torch.set_num_threads(args.threads)
     args.sizes = args.sizes or ([REF_N] if args.quick else [REF_N, 100_000])

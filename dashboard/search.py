@@ -8,16 +8,18 @@ For a query map Q (H x W x C) and soft mask M cropped to its bounding box (h x w
 i.e. cos(M * Q, M * window). An image's score is its best window.
 
 How it is fast: the reference slides a one-output-channel conv2d over the features (about 2 GFLOP/s on these
-CPUs). Here the numerator is one bfloat16 GEMM per chunk, ``<Q_k, F[p]>`` for every mask cell k and every
-position p, followed by K shifted float32 adds of small (n, H, W) planes; the denominator uses the squared
-norms stored in the cache, so the features are read exactly once per query. When the mask's box covers the
-whole grid there is a single window and the GEMM degenerates to a matrix-vector product over whole images.
-bfloat16 GEMMs accumulate in float32 and round each per-cell dot product to bfloat16, so scores carry a
-relative error of about 2^-8; that is the precision the tests hold the engine to.
+CPUs). Here one pass reads each image's features once, straight from the memory map, in native code
+(`dashboard/search_kernel.c`): bfloat16 dot products accumulated in float32 (AVX512-BF16 where the CPU has it)
+for exactly the (window, cell) pairs the windows use, and the denominators from the squared norms stored in
+the cache. The search is then about as fast as the memory bus delivers the cache. Where no C compiler is
+available, a torch path computes the same scores with bfloat16 GEMMs (about 3x slower, precision ~2^-8).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -25,6 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+
+from dashboard.feature_cache import tensor_view
+from dashboard.search_kernel import KernelQuery, KernelUnavailable, load_kernel
 
 if TYPE_CHECKING:
     from dashboard.feature_cache import FeatureCache
@@ -142,14 +147,50 @@ def _chunk_rows(n_positions: int, cells: int, channels: int, gathered: bool) -> 
     return max(1, budget // per_image)
 
 
-class _PreparedQuery:
-    """The query in the form the kernel consumes: bf16 cell vectors, squared weights, output window grid."""
+BACKENDS = ("native", "portable", "torch")
+_log = logging.getLogger(__name__)
+
+
+def default_backend() -> str:
+    """`$VFS_SEARCH_BACKEND` if set, else the native kernel where it builds, else torch."""
+    chosen = os.environ.get("VFS_SEARCH_BACKEND", "").strip() or "native"
+    if chosen not in BACKENDS:
+        raise QueryError(f"VFS_SEARCH_BACKEND must be one of {', '.join(BACKENDS)} (got {chosen!r})")
+    if chosen != "torch":
+        try:
+            load_kernel("best" if chosen == "native" else "generic")
+        except KernelUnavailable as exc:
+            _warn_fallback_once(str(exc))
+            return "torch"
+    return chosen
+
+
+@functools.cache
+def _warn_fallback_once(reason: str) -> None:
+    _log.warning("searching with the slower torch path: %s", reason)
+
+
+def _check_query(query: RegionQuery, grid: tuple[int, int], channels: int) -> None:
+    if tuple(grid) != tuple(query.grid):
+        raise QueryError(f"the query grid {query.grid} differs from the cache's grid {tuple(grid)}")
+    if query.features.shape[2] != channels:
+        raise QueryError(f"the query has {query.features.shape[2]} channels, the cache {channels}")
+
+
+def _kernel_query(query: RegionQuery) -> KernelQuery:
+    return KernelQuery.build(query.features, query.weights, query.grid, query.norm)
+
+
+class _TorchScorer:
+    """The same scores from torch operations, for machines where the native kernel does not build.
+
+    The numerator is one bfloat16 GEMM per chunk, ``<Q_k, F[p]>`` for every mask cell k and every position p,
+    followed by K shifted float32 adds; the denominator uses the stored squared norms. bfloat16 GEMMs round
+    each per-cell dot product to bfloat16, so these scores carry a relative error of about 2^-8.
+    """
 
     def __init__(self, query: RegionQuery, grid: tuple[int, int], channels: int):
-        if grid != query.grid:
-            raise QueryError(f"the query grid {query.grid} differs from the cache's grid {grid}")
-        if query.features.shape[2] != channels:
-            raise QueryError(f"the query has {query.features.shape[2]} channels, the cache {channels}")
+        _check_query(query, grid, channels)
         self.grid, self.channels = grid, channels
         h, w = query.box
         self.out_h, self.out_w = grid[0] - h + 1, grid[1] - w + 1
@@ -194,21 +235,39 @@ def score_windows(
     sqnorms: np.ndarray,
     query: RegionQuery,
     ids: np.ndarray | None = None,
+    backend: str | None = None,
 ) -> WindowScores:
     """Score every window of the images `ids` (all when None) against `query`; keep each image's best.
 
     `features` is the (N, H, W, C) bfloat16 cache (usually a memmap view) and `sqnorms` its (N, H, W) float32
-    squared norms. Work is chunked: extra memory stays below ~CHUNK_BYTES plus O(len(ids)) for the results,
-    however large the cache, and only the requested rows are read, so a 10% candidate set costs ~10%.
+    squared norms. Only the requested rows are read, so a 10% candidate set costs ~10%. Extra memory: 12 bytes
+    per searched image for the results, plus, on the torch fallback only, chunks of at most ~CHUNK_BYTES;
+    never a copy of the cache, so a memory-mapped cache larger than RAM is searched as it is paged in.
+    `backend`: one of BACKENDS, default `default_backend()`.
     """
     n_total, grid_h, grid_w, channels = features.shape
-    prepared = _PreparedQuery(query, (grid_h, grid_w), channels)
+    backend = backend or default_backend()
     full_range = ids is None
     ids = np.arange(n_total, dtype=np.int64) if full_range else np.asarray(ids, dtype=np.int64)
+    if backend != "torch":
+        _check_query(query, (grid_h, grid_w), channels)
+        prepared = _kernel_query(query)
+        kernel = load_kernel("best" if backend == "native" else "generic")
+        scores, positions, _ = kernel.score(prepared, features, np.asarray(sqnorms), None if full_range else ids)
+        return WindowScores(ids, scores, positions.astype(np.int64), prepared.out_w)
+    return _torch_score_windows(features, sqnorms, query, ids, full_range)
+
+
+def _torch_score_windows(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, ids: np.ndarray,
+                         full_range: bool) -> WindowScores:
+    n_total, grid_h, grid_w, channels = features.shape
+    prepared = _TorchScorer(query, (grid_h, grid_w), channels)
     scores = np.empty(len(ids), dtype=np.float32)
     positions = np.empty(len(ids), dtype=np.int64)
     if len(ids) == 0:
         return WindowScores(ids, scores, positions, prepared.out_w)
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
+        raise IndexError(f"image ids must lie in 0..{n_total - 1}")
     contiguous = full_range or (ids[-1] - ids[0] + 1 == len(ids))
     cells = 1 if prepared.single_window else len(prepared.cells)
     rows = _chunk_rows(grid_h * grid_w, cells, channels, not contiguous)
@@ -222,25 +281,30 @@ def score_windows(
 
 
 def _chunks(features: torch.Tensor, sqnorms: np.ndarray, ids: np.ndarray, rows: int, contiguous: bool):
-    """(start, features, norms) per chunk: views for a contiguous id range, else gathered copies.
-
-    (Gathering the next chunk in a helper thread while scoring was measured slower on 2 cores.)
-    """
+    """(start, features, norms) per chunk: views for a contiguous id range, else gathered copies."""
     bits = None if contiguous else features.view(torch.int16).numpy()
     for start in range(0, len(ids), rows):
         if contiguous:
             lo = int(ids[start])
             hi = lo + min(rows, len(ids) - start)
-            yield start, features[lo:hi], torch.from_numpy(np.asarray(sqnorms[lo:hi]))
+            yield start, features[lo:hi], tensor_view(sqnorms[lo:hi])
         else:
             chunk = ids[start:start + rows]  # numpy's row gather is ~2x faster than torch's index_select here
             yield start, torch.from_numpy(bits[chunk]).view(torch.bfloat16), torch.from_numpy(sqnorms[chunk])
 
 
-def window_score_map(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, image_id: int) -> np.ndarray:
+def window_score_map(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, image_id: int,
+                     backend: str | None = None) -> np.ndarray:
     """(out_h, out_w) score of every window of one image: the heat map behind a hit."""
-    prepared = _PreparedQuery(query, tuple(features.shape[1:3]), features.shape[3])
-    norms = torch.from_numpy(np.asarray(sqnorms[image_id:image_id + 1]))
+    backend = backend or default_backend()
+    if backend != "torch":
+        _check_query(query, tuple(features.shape[1:3]), features.shape[3])
+        prepared = _kernel_query(query)
+        kernel = load_kernel("best" if backend == "native" else "generic")
+        _, _, every = kernel.score(prepared, features, np.asarray(sqnorms), np.array([image_id]), with_all=True)
+        return every.reshape(prepared.out_h, prepared.out_w)
+    prepared = _TorchScorer(query, tuple(features.shape[1:3]), features.shape[3])
+    norms = tensor_view(sqnorms[image_id:image_id + 1])
     scores = prepared.window_scores(features[image_id:image_id + 1], norms)
     return scores.view(prepared.out_h, prepared.out_w).numpy().copy()
 

@@ -3,12 +3,13 @@
 import streamlit as st
 
 from dashboard import catalog, ui
+from dashboard.search_kernel import kernel_status
 
 ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Caches")
 root = ui.caches_root()
 entries = catalog.find_caches(root)
-st.caption(f"Caches folder: `{root}` (set `VFS_CACHES_DIR` to use another)")
+st.caption(f"Caches folder: `{root}` (set `VFS_CACHES_DIR` to use another) · search engine: {kernel_status()}")
 if not entries:
     st.warning("No cache found. Build one with `python -m cache_builder build --source demo --out caches/demo`.")
 

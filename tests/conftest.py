@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from cache_builder.synthetic import write_array_cache
 from dashboard.feature_cache import FeatureCache
+
+# Every test run builds the native search kernel afresh (as a new machine would), in a folder of its own; the
+# app servers the browser tests start inherit it.
+os.environ["VFS_KERNEL_DIR"] = tempfile.mkdtemp(prefix="vfs-test-kernels-")
 
 
 def reference_scores(features: np.ndarray, query: np.ndarray, weights: np.ndarray) -> np.ndarray:

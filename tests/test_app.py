@@ -28,6 +28,7 @@ def test_caches_page_lists_a_cache(small_cache, tmp_path, monkeypatch):
     assert not at.exception
     assert "tiny" in [h.value for h in at.subheader]
     assert "40" in [m.value for m in at.metric]
+    assert any("search engine: native kernel (" in c.value for c in at.caption)  # the kernel built here
 
 
 def test_broken_cache_is_explained_and_others_still_shown(small_cache, tmp_path, monkeypatch):

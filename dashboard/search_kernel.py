@@ -1,0 +1,305 @@
+"""The native search kernel: `search_kernel.c`, compiled once per machine with the system C compiler, via ctypes.
+
+Why native code: a query reads every byte of the (memory-mapped) cache once, so the search is as fast as the
+memory bus allows only if one pass does everything. The kernel scores each image straight from the memory map
+(no gathered copies for filtered searches, no temporaries) and computes only the products the windows use,
+with AVX512-BF16 dot products where the CPU has them. `dashboard.search` falls back to its torch path where
+no compiler is found (``kernel_status()`` says why).
+
+The compiled library is kept in ``$VFS_KERNEL_DIR`` (default ``~/.cache/visual-feature-search/kernels``),
+named by a hash of the source, the compiler and the CPU, so a changed source or another machine sharing the
+folder gets its own build. Compiling takes about a second, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("search_kernel.c")
+VARIANTS = ("best", "generic")  # generic: the portable path even where AVX512-BF16 exists (tests compare both)
+FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
+MIN_IMAGES_PER_THREAD = 256
+
+
+class KernelUnavailable(RuntimeError):
+    """No C compiler, or the kernel did not build here; the message says which."""
+
+
+class _Query(ctypes.Structure):
+    _fields_ = [
+        ("grid_h", ctypes.c_int32), ("grid_w", ctypes.c_int32), ("channels", ctypes.c_int32),
+        ("out_h", ctypes.c_int32), ("out_w", ctypes.c_int32),
+        ("n_terms", ctypes.c_int32), ("term_offsets", ctypes.c_void_p), ("term_lengths", ctypes.c_void_p),
+        ("term_starts", ctypes.c_void_p), ("term_bits", ctypes.c_void_p),
+        ("n_cells", ctypes.c_int32), ("cell_offsets", ctypes.c_void_p), ("cell_weights", ctypes.c_void_p),
+        ("cell_vectors", ctypes.c_void_p), ("query_norm", ctypes.c_float),
+    ]
+
+
+@dataclass(frozen=True)
+class KernelQuery:
+    """A region query laid out for the kernel; holds the arrays the C struct points into."""
+
+    grid: tuple[int, int]
+    channels: int
+    out_h: int
+    out_w: int
+    term_offsets: np.ndarray  # (T,) int32: first position of each run of cells
+    term_lengths: np.ndarray  # (T,) int32: values in each run
+    term_starts: np.ndarray  # (T,) int64: where each run starts in term_bits
+    term_bits: np.ndarray  # uint16: bfloat16 of weight^2 * query per run, then remainders where inexact
+    cell_offsets: np.ndarray  # (K,) int32
+    cell_weights: np.ndarray  # (K,) float32 weight^2
+    cell_vectors: np.ndarray  # (K, C) float32 weight^2 * cell
+    query_norm: float
+
+    @classmethod
+    def build(cls, features: np.ndarray, weights: np.ndarray, grid: tuple[int, int], norm: float) -> "KernelQuery":
+        """`features` (h, w, C) and `weights` (h, w): the query cropped to its box on a `grid` feature map.
+
+        The numerator's terms are runs of cells that are contiguous in the cache's (H, W, C) layout: each mask
+        row's span (a whole-width box: one run for the whole box), so the kernel compares long stretches of
+        memory at once instead of cell by cell. A soft weight that makes a bfloat16 term inexact adds a second
+        run with the remainder, keeping the numerator float32-exact.
+        """
+        h, w, channels = features.shape
+        weights_sq = weights.astype(np.float32) ** 2
+        rows, cols = np.nonzero(weights_sq > 0)
+        vectors = np.ascontiguousarray(weights_sq[..., None] * features, dtype=np.float32)  # (h, w, C)
+        runs: list[list[int]] = []  # [first position, cells] per run, positions on the full grid
+        run_values: list[np.ndarray] = []
+        for i in np.unique(rows):
+            first, last = cols[rows == i].min(), cols[rows == i].max()
+            start, cells = int(i * grid[1] + first), int(last - first + 1)
+            values = vectors[i, first:last + 1].reshape(-1)
+            if runs and runs[-1][0] + runs[-1][1] == start:  # continues the previous row's run in memory
+                runs[-1][1] += cells
+                run_values[-1] = np.concatenate([run_values[-1], values])
+            else:
+                runs.append([start, cells])
+                run_values.append(values)
+        high = [_to_bfloat16(v) for v in run_values]
+        low = [_to_bfloat16(v - hi.float().numpy()) for v, hi in zip(run_values, high)]
+        inexact = [k for k, lo in enumerate(low) if bool(lo.float().any())]
+        order = list(range(len(runs))) + inexact
+        parts = high + [low[k] for k in inexact]
+        lengths = np.array([len(p) for p in parts], dtype=np.int32)
+        return cls(
+            grid=tuple(grid), channels=channels, out_h=grid[0] - h + 1, out_w=grid[1] - w + 1,
+            term_offsets=np.array([runs[k][0] for k in order], dtype=np.int32),
+            term_lengths=lengths,
+            term_starts=np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.int64),
+            term_bits=np.ascontiguousarray(torch.cat(parts).view(torch.int16).numpy().view(np.uint16)),
+            cell_offsets=(rows * grid[1] + cols).astype(np.int32),
+            cell_weights=np.ascontiguousarray(weights_sq[rows, cols]),
+            cell_vectors=np.ascontiguousarray(vectors[rows, cols]), query_norm=float(norm),
+        )
+
+    @property
+    def windows(self) -> int:
+        return self.out_h * self.out_w
+
+    def struct(self) -> _Query:
+        return _Query(
+            self.grid[0], self.grid[1], self.channels, self.out_h, self.out_w,
+            len(self.term_offsets), self.term_offsets.ctypes.data, self.term_lengths.ctypes.data,
+            self.term_starts.ctypes.data, self.term_bits.ctypes.data,
+            len(self.cell_offsets), self.cell_offsets.ctypes.data, self.cell_weights.ctypes.data,
+            self.cell_vectors.ctypes.data, self.query_norm,
+        )
+
+
+def _to_bfloat16(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).bfloat16()
+
+
+class SearchKernel:
+    """The loaded library. `score` is thread-safe and releases the GIL while it runs."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path, variant: str):
+        self.path, self.variant = path, variant
+        self._score = library.vfs_score_images
+        self._score.restype = ctypes.c_int
+        self._score.argtypes = [ctypes.POINTER(_Query), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        library.vfs_isa.restype = ctypes.c_int
+        self.isa = "avx512-bf16" if library.vfs_isa() else "portable float32"
+
+    def score(self, query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarray, ids: np.ndarray | None,
+              with_all: bool = False, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Best score and window of each image in `ids` (all when None); every window's score if `with_all`.
+
+        `features` (N, H, W, C) bfloat16 and `sqnorms` (N, H, W) float32 must be C-contiguous (a memmap is).
+        Extra memory: the outputs, 8 bytes per image (plus 4 per window with `with_all`), and nothing else.
+        """
+        n_total = features.shape[0]
+        _check_inputs(query, features, sqnorms)
+        if ids is not None:
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
+                raise IndexError(f"image ids must lie in 0..{n_total - 1}")
+        count = n_total if ids is None else len(ids)
+        scores = np.empty(count, dtype=np.float32)
+        windows = np.empty(count, dtype=np.int32)
+        every = np.empty((count, query.windows), dtype=np.float32) if with_all else None
+        struct = query.struct()
+        threads = max(1, min(threads or torch.get_num_threads(), count // MIN_IMAGES_PER_THREAD))
+        bounds = np.linspace(0, count, threads + 1).astype(np.int64)
+
+        def run(part: int) -> int:
+            lo, hi = int(bounds[part]), int(bounds[part + 1])
+            return self._score(
+                ctypes.byref(struct), features.data_ptr(), sqnorms.ctypes.data,
+                None if ids is None else ids.ctypes.data + 8 * lo, 0 if ids is not None else lo, hi - lo,
+                scores.ctypes.data + 4 * lo, windows.ctypes.data + 4 * lo,
+                None if every is None else every.ctypes.data + 4 * lo * query.windows,
+            )
+
+        codes = list(_pool().map(run, range(threads))) if threads > 1 else [run(0)]
+        if any(codes):
+            raise MemoryError("the search kernel could not allocate its per-call scratch memory")
+        return scores, windows, every
+
+
+def _check_inputs(query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarray) -> None:
+    """The kernel trusts its pointers: everything it will read is checked here."""
+    shape = (*query.grid, query.channels)
+    if features.dtype != torch.bfloat16 or tuple(features.shape[1:]) != shape or not features.is_contiguous():
+        raise ValueError(f"features must be a contiguous (N, {shape[0]}, {shape[1]}, {shape[2]}) bfloat16 tensor")
+    if (sqnorms.dtype != np.float32 or sqnorms.shape != (features.shape[0], *query.grid)
+            or not sqnorms.flags.c_contiguous):
+        raise ValueError(f"sqnorms must be a contiguous (N, {shape[0]}, {shape[1]}) float32 array")
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One pool per process: concurrent searches share the cores instead of oversubscribing them."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vfs-search")
+        return _POOL
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+_LOADED: dict[str, SearchKernel | KernelUnavailable] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_kernel(variant: str = "best") -> SearchKernel:
+    """The compiled kernel (built on first use); raises KernelUnavailable, once per process, if it cannot be."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}")
+    with _LOAD_LOCK:
+        if variant not in _LOADED:
+            try:
+                path = _build(variant)
+                _LOADED[variant] = SearchKernel(ctypes.CDLL(str(path)), path, variant)
+            except KernelUnavailable as exc:
+                _LOADED[variant] = exc
+        found = _LOADED[variant]
+    if isinstance(found, KernelUnavailable):
+        raise found
+    return found
+
+
+def kernel_status() -> str:
+    """One line for logs and the Caches page: what searches run on here."""
+    try:
+        kernel = load_kernel()
+    except KernelUnavailable as exc:
+        return f"torch fallback ({exc})"
+    return f"native kernel ({kernel.isa})"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise KernelUnavailable("no C compiler found (install gcc or clang, or set CC)")
+
+
+def _machine_key() -> str:
+    """What a -march=native build depends on: the CPU's model and feature flags."""
+    key = platform.machine() + platform.system()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name", "Features", "CPU part")):
+                key += line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        key += platform.processor()
+    return key
+
+
+def _kernel_dir() -> Path:
+    configured = os.environ.get("VFS_KERNEL_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "visual-feature-search" / "kernels"
+
+
+def _folders() -> tuple[Path, Path]:
+    """The kernel folder, then a private temporary one for where it cannot be written (a read-only home)."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return _kernel_dir(), Path(tempfile.gettempdir()) / f"vfs-kernels-{user}"
+
+
+def _writable_folder() -> Path:
+    for folder in _folders():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise KernelUnavailable(f"no writable folder for the compiled kernel (set VFS_KERNEL_DIR; tried {_kernel_dir()})")
+
+
+def _build(variant: str) -> Path:
+    compiler = _compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"{compiler} --version failed: {exc}") from None
+    extra = ["-DVFS_GENERIC"] if variant == "generic" else []
+    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), _machine_key().encode(),
+                                        " ".join(extra).encode()])).hexdigest()[:16]
+    suffix = ".dylib" if platform.system() == "Darwin" else ".so"
+    name = f"search_kernel-{variant}-{digest}{suffix}"
+    for folder in _folders():
+        if (folder / name).is_file():
+            return folder / name
+    target = _writable_folder() / name
+    errors = []
+    for flags in FLAG_SETS:  # -march=native where the compiler knows it (gcc, clang on x86), else plainer
+        partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        command = [compiler, *flags, "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", *extra, str(SOURCE),
+                   "-o", str(partial), "-lm"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(command)}: {exc}")
+            continue
+        if done.returncode == 0:
+            os.replace(partial, target)  # atomic: concurrent builders each publish a whole file
+            return target
+        partial.unlink(missing_ok=True)
+        errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    raise KernelUnavailable(f"the search kernel did not compile with {compiler}: " + "; ".join(errors))
