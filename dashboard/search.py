@@ -181,6 +181,15 @@ def _kernel_query(query: RegionQuery) -> KernelQuery:
     return KernelQuery.build(query.features, query.weights, query.grid, query.norm)
 
 
+def _native_scores(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, ids: np.ndarray | None,
+                   backend: str, with_all: bool = False):
+    """(prepared query, best scores, best windows, every window's score or None) from the compiled kernel."""
+    _check_query(query, tuple(features.shape[1:3]), features.shape[3])
+    prepared = _kernel_query(query)
+    kernel = load_kernel("best" if backend == "native" else "generic")
+    return (prepared, *kernel.score(prepared, features, np.asarray(sqnorms), ids, with_all=with_all))
+
+
 class _TorchScorer:
     """The same scores from torch operations, for machines where the native kernel does not build.
 
@@ -240,20 +249,20 @@ def score_windows(
     """Score every window of the images `ids` (all when None) against `query`; keep each image's best.
 
     `features` is the (N, H, W, C) bfloat16 cache (usually a memmap view) and `sqnorms` its (N, H, W) float32
-    squared norms. Only the requested rows are read, so a 10% candidate set costs ~10%. Extra memory: 12 bytes
-    per searched image for the results, plus, on the torch fallback only, chunks of at most ~CHUNK_BYTES;
+    squared norms. Only the requested rows are read, so a 10% candidate set costs ~10%. Extra memory: about 30
+    bytes per searched image for ids and results, plus, on the torch fallback only, chunks of ~CHUNK_BYTES;
     never a copy of the cache, so a memory-mapped cache larger than RAM is searched as it is paged in.
     `backend`: one of BACKENDS, default `default_backend()`.
     """
-    n_total, grid_h, grid_w, channels = features.shape
+    n_total = features.shape[0]
     backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise QueryError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     full_range = ids is None
     ids = np.arange(n_total, dtype=np.int64) if full_range else np.asarray(ids, dtype=np.int64)
     if backend != "torch":
-        _check_query(query, (grid_h, grid_w), channels)
-        prepared = _kernel_query(query)
-        kernel = load_kernel("best" if backend == "native" else "generic")
-        scores, positions, _ = kernel.score(prepared, features, np.asarray(sqnorms), None if full_range else ids)
+        prepared, scores, positions, _ = _native_scores(features, sqnorms, query, None if full_range else ids,
+                                                        backend)
         return WindowScores(ids, scores, positions.astype(np.int64), prepared.out_w)
     return _torch_score_windows(features, sqnorms, query, ids, full_range)
 
@@ -298,10 +307,7 @@ def window_score_map(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQ
     """(out_h, out_w) score of every window of one image: the heat map behind a hit."""
     backend = backend or default_backend()
     if backend != "torch":
-        _check_query(query, tuple(features.shape[1:3]), features.shape[3])
-        prepared = _kernel_query(query)
-        kernel = load_kernel("best" if backend == "native" else "generic")
-        _, _, every = kernel.score(prepared, features, np.asarray(sqnorms), np.array([image_id]), with_all=True)
+        prepared, _, _, every = _native_scores(features, sqnorms, query, np.array([image_id]), backend, True)
         return every.reshape(prepared.out_h, prepared.out_w)
     prepared = _TorchScorer(query, tuple(features.shape[1:3]), features.shape[3])
     norms = tensor_view(sqnorms[image_id:image_id + 1])

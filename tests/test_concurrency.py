@@ -246,7 +246,9 @@ def large_cache(tmp_path_factory) -> FeatureCache:
     return FeatureCache.open(out)
 
 
-def test_a_search_never_holds_a_copy_of_the_cache(large_cache):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_search_never_holds_a_copy_of_the_cache(large_cache, backend, monkeypatch):
+    monkeypatch.setenv("VFS_SEARCH_BACKEND", backend)
     cache_bytes = large_cache.features_bits.nbytes
     bound = CHUNK_BYTES + SLACK
     assert cache_bytes > 2 * bound  # else a copy of the cache could hide under the bound
