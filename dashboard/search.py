@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from dashboard.feature_cache import tensor_view
-from dashboard.search_kernel import KernelQuery, KernelUnavailable, load_kernel
+from dashboard.search_kernel import KernelQuery, KernelUnavailable, check_ids, load_kernel
 
 if TYPE_CHECKING:
     from dashboard.feature_cache import FeatureCache
@@ -148,6 +148,7 @@ def _chunk_rows(n_positions: int, cells: int, channels: int, gathered: bool) -> 
 
 
 BACKENDS = ("native", "portable", "torch")
+_KERNEL_VARIANT = {"native": "best", "portable": "generic"}
 _log = logging.getLogger(__name__)
 
 
@@ -158,11 +159,18 @@ def default_backend() -> str:
         raise QueryError(f"VFS_SEARCH_BACKEND must be one of {', '.join(BACKENDS)} (got {chosen!r})")
     if chosen != "torch":
         try:
-            load_kernel("best" if chosen == "native" else "generic")
+            load_kernel(_KERNEL_VARIANT[chosen])
         except KernelUnavailable as exc:
             _warn_fallback_once(str(exc))
             return "torch"
     return chosen
+
+
+def _resolve_backend(backend: str | None) -> str:
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise QueryError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    return backend
 
 
 @functools.cache
@@ -186,7 +194,7 @@ def _native_scores(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQue
     """(prepared query, best scores, best windows, every window's score or None) from the compiled kernel."""
     _check_query(query, tuple(features.shape[1:3]), features.shape[3])
     prepared = _kernel_query(query)
-    kernel = load_kernel("best" if backend == "native" else "generic")
+    kernel = load_kernel(_KERNEL_VARIANT[backend])
     return (prepared, *kernel.score(prepared, features, np.asarray(sqnorms), ids, with_all=with_all))
 
 
@@ -255,9 +263,7 @@ def score_windows(
     `backend`: one of BACKENDS, default `default_backend()`.
     """
     n_total = features.shape[0]
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
-        raise QueryError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    backend = _resolve_backend(backend)
     full_range = ids is None
     ids = np.arange(n_total, dtype=np.int64) if full_range else np.asarray(ids, dtype=np.int64)
     if backend != "torch":
@@ -275,8 +281,7 @@ def _torch_score_windows(features: torch.Tensor, sqnorms: np.ndarray, query: Reg
     positions = np.empty(len(ids), dtype=np.int64)
     if len(ids) == 0:
         return WindowScores(ids, scores, positions, prepared.out_w)
-    if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
-        raise IndexError(f"image ids must lie in 0..{n_total - 1}")
+    check_ids(ids, n_total)  # numpy would wrap negative ids around silently
     contiguous = full_range or (ids[-1] - ids[0] + 1 == len(ids))
     cells = 1 if prepared.single_window else len(prepared.cells)
     rows = _chunk_rows(grid_h * grid_w, cells, channels, not contiguous)
@@ -305,7 +310,7 @@ def _chunks(features: torch.Tensor, sqnorms: np.ndarray, ids: np.ndarray, rows: 
 def window_score_map(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, image_id: int,
                      backend: str | None = None) -> np.ndarray:
     """(out_h, out_w) score of every window of one image: the heat map behind a hit."""
-    backend = backend or default_backend()
+    backend = _resolve_backend(backend)
     if backend != "torch":
         prepared, _, _, every = _native_scores(features, sqnorms, query, np.array([image_id]), backend, True)
         return every.reshape(prepared.out_h, prepared.out_w)

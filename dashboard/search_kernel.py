@@ -149,8 +149,7 @@ class SearchKernel:
         _check_inputs(query, features, sqnorms)
         if ids is not None:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
-            if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
-                raise IndexError(f"image ids must lie in 0..{n_total - 1}")
+            check_ids(ids, n_total)
         count = n_total if ids is None else len(ids)
         scores = np.empty(count, dtype=np.float32)
         windows = np.empty(count, dtype=np.int32)
@@ -172,6 +171,12 @@ class SearchKernel:
         if any(codes):
             raise MemoryError("the search kernel could not allocate its per-call scratch memory")
         return scores, windows, every
+
+
+def check_ids(ids: np.ndarray, n_total: int) -> None:
+    """Every id names a cached image: the kernel reads raw memory at each one."""
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
+        raise IndexError(f"image ids must lie in 0..{n_total - 1}")
 
 
 def _check_inputs(query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarray) -> None:
