@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cache_builder.synthetic import write_array_cache  # noqa: E402
-from dashboard.cache_format import CacheError  # noqa: E402
+from cache_builder.cache_format import CacheError  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.search import BACKENDS, RegionQuery, rank, score_windows  # noqa: E402
 from dashboard.search_kernel import kernel_status  # noqa: E402

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache_builder import __version__
 from cache_builder.errors import BuildError
-from cache_builder.metadata_writer import write_metadata
+from cache_builder.metadata_table import write_metadata
 from cache_builder.models import FeatureExtractor, LoadedModel, Preprocessing, load_model
 from cache_builder.sources import Source, SourceItem, open_item
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 
 STATE_FILE = "build_state.json"
 PARTIAL_FEATURES = "features.partial.npy"
@@ -270,7 +271,7 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
     sqnorms = np.load(out / PARTIAL_SQNORMS, mmap_mode="r+")
     timings = state["timings"]
     n = len(plan.items)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else _NoContext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     t_wait = time.perf_counter()
     for batch in loader:
         t_model = time.perf_counter()
@@ -279,7 +280,7 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         if indices:
             with torch.inference_mode(), autocast:
                 output = extractor(batch["tensor"].to(device, non_blocking=True))
-            bits, norms = fmt.encode_features(output.cpu().permute(0, 2, 3, 1))
+            bits, norms = fmt.encode_features(output.float().permute(0, 2, 3, 1).cpu().numpy())
             t_write = time.perf_counter()
             timings["model_s"] = timings.get("model_s", 0.0) + t_write - t_model
             lo, hi = indices[0], indices[-1] + 1
@@ -302,14 +303,6 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         if on_progress is not None:
             on_progress(state["done"], n)
     del features, sqnorms
-
-
-class _NoContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:

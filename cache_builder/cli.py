@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cache_builder.errors import BuildError
-from dashboard.cache_format import CacheError
+from cache_builder.cache_format import CacheError
 
 EPILOG = """\
 sources (repeat --source to combine them into one cache; @DOMAIN tags each image's `domain` column):
@@ -156,10 +156,12 @@ def run_layers(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from dashboard.feature_cache import FeatureCache
+    from cache_builder import cache_format as fmt
+    from cache_builder.metadata_table import column_summaries
 
-    cache = FeatureCache.open(args.cache)
-    manifest = cache.manifest
+    manifest = fmt.read_manifest(args.cache)
+    fmt.check_manifest(manifest, args.cache)
+    fmt.open_arrays(args.cache, manifest)  # the same checks the dashboard makes before it opens a cache
     if args.json:
         print(manifest.to_json())
         return 0
@@ -171,7 +173,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"images      {manifest.image_count} cached, {len(manifest.skipped)} skipped")
     for source in manifest.sources:
         print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
-    for column, counts in cache.metadata.column_summaries(limit=5).items():
+    for column, counts in column_summaries(args.cache / fmt.METADATA_FILE).items():
         print(f"column      {column}: {counts}")
     return 0
 

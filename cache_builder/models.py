@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cache_builder.errors import BuildError
-from dashboard.images import to_rgb
+from cache_builder.images import to_rgb
 
 DEFAULT_MODEL = "efficientnet_lite0"
 

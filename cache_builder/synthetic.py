@@ -10,12 +10,11 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from cache_builder import __version__
-from cache_builder.metadata_writer import write_metadata_frame
-from dashboard import cache_format as fmt
+from cache_builder.metadata_table import write_metadata_frame
+from cache_builder import cache_format as fmt
 
 ChunkFn = Callable[[int, int], np.ndarray]
 
@@ -46,7 +45,7 @@ def write_array_cache(
     stored = np.lib.format.open_memmap(out / fmt.FEATURES_FILE, mode="w+", dtype=np.uint16, shape=(n, h, w, c))
     sqnorms = np.lib.format.open_memmap(out / fmt.SQNORMS_FILE, mode="w+", dtype=np.float32, shape=(n, h, w))
     for start in range(0, n, chunk):
-        block = torch.from_numpy(np.ascontiguousarray(rows_of(start, min(n, start + chunk)), dtype=np.float32))
+        block = np.ascontiguousarray(rows_of(start, min(n, start + chunk)), dtype=np.float32)
         stored[start:start + len(block)], sqnorms[start:start + len(block)] = fmt.encode_features(block)
     stored.flush()
     sqnorms.flush()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 
 CACHES_ENV = "VFS_CACHES_DIR"
 DEFAULT_CACHES_DIR = Path("caches")

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dashboard import export
-from dashboard.cache_format import CacheError
+from cache_builder.cache_format import CacheError
 from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import FilterError, MetadataFilter
 from dashboard.search import QueryError, box_mask, query_from_mask, search_cache

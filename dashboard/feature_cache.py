@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dashboard import cache_format as fmt
-from dashboard.cache_format import CacheError, Manifest
+from cache_builder import cache_format as fmt
+from cache_builder.cache_format import CacheError, Manifest
 from dashboard.metadata import MetadataStore
 
 
@@ -32,9 +32,7 @@ class FeatureCache:
         manifest = fmt.read_manifest(path)
         fmt.check_manifest(manifest, path)
         n = manifest.image_count
-        h, w, c = manifest.grid
-        features = _load_array(path / fmt.FEATURES_FILE, np.uint16, (n, h, w, c))
-        sqnorms = _load_array(path / fmt.SQNORMS_FILE, np.float32, (n, h, w))
+        features, sqnorms = fmt.open_arrays(path, manifest)
         metadata = MetadataStore(path / fmt.METADATA_FILE)
         if not metadata.id_range_ok(n):
             metadata.close()
@@ -49,8 +47,19 @@ class FeatureCache:
         return self.manifest.image_count
 
     @property
-    def grid(self) -> tuple[int, int, int]:
-        return self.manifest.grid
+    def grid(self) -> tuple[int, int]:
+        """(H, W): the feature grid a region is drawn and searched on."""
+        return tuple(self.manifest.grid[:2])
+
+    @property
+    def channels(self) -> int:
+        return self.manifest.grid[2]
+
+    @property
+    def label_column(self) -> str | None:
+        """The manifest's class column, where the metadata has it."""
+        column = self.manifest.label_column
+        return column if column in self.metadata.column_types else None
 
     @property
     def input_size(self) -> int:
@@ -62,9 +71,7 @@ class FeatureCache:
 
     def image_features(self, image_id: int) -> np.ndarray:
         """(H, W, C) float32 features of one cached image: a query that needs no model run."""
-        self.check_id(image_id)
-        bits = torch.from_numpy(np.array(self.features_bits[image_id]))
-        return bits.view(torch.bfloat16).float().numpy()
+        return fmt.from_bfloat16_bits(self.features_bits[self.check_id(image_id)])
 
     def check_id(self, image_id: int) -> int:
         if not isinstance(image_id, (int, np.integer)) or not 0 <= int(image_id) < self.size:
@@ -88,18 +95,3 @@ def tensor_view(array: np.ndarray) -> torch.Tensor:
     UserWarning" filter installed for good. DLPack carries the read-only flag and makes the same zero-copy view.
     """
     return torch.from_dlpack(array)
-
-
-def _load_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise CacheError(f"{path.parent}: {path.name} is missing; rebuild the cache")
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as exc:
-        raise CacheError(f"{path} is unreadable or truncated ({exc}); rebuild the cache") from None
-    if array.dtype != np.dtype(dtype) or array.shape != shape:
-        raise CacheError(
-            f"{path} holds {array.dtype} {array.shape} but the manifest says {np.dtype(dtype)} {shape}; "
-            "the cache was modified or is incomplete, rebuild it"
-        )
-    return array

@@ -1,4 +1,4 @@
-"""Metadata queries: every read of metadata.duckdb goes through `MetadataStore`.
+"""Metadata queries: every read of metadata.duckdb, and its SQL, goes through `MetadataStore`.
 
 Filters are a dataclass turned into SQL here, with column names checked against the table and quoted, and
 every value bound as a parameter: a filter value never becomes SQL text.
@@ -16,8 +16,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from dashboard.cache_format import METADATA_TABLE, CacheError
-from dashboard.sql import quote_identifier
+from cache_builder.cache_format import METADATA_TABLE, CacheError, quote_identifier
+from dashboard.analysis import chartable_columns
 
 LIST_TYPE_SUFFIX = "[]"
 
@@ -170,33 +170,11 @@ class MetadataStore:
         return dict(zip(self.columns, (int(v) for v in row)))
 
     def chartable_columns(self) -> list[str]:
-        from dashboard.analysis import chartable_columns
-
         return chartable_columns(self.column_types, self.distinct_counts)
 
     def value_range(self, column: str) -> tuple[Any, Any]:
         ident = self._check_column(column)
         return tuple(self._query(f"SELECT min({ident}), max({ident}) FROM {METADATA_TABLE}").fetchone())
-
-    def column_summaries(self, limit: int = 5) -> dict[str, str]:
-        """For `info`: the most frequent values of each column, or the range of numeric/temporal ones."""
-        summary = {}
-        for column in self.columns:
-            if column in ("id", "path"):
-                continue
-            if self.is_numeric(column) or self.is_temporal(column):
-                lo, hi = self.value_range(column)
-                summary[column] = f"{self.column_types[column]} from {lo} to {hi}"
-                continue
-            ident = quote_identifier(column)
-            source = f"unnest({ident})" if self.is_list(column) else ident
-            rows = self._query(
-                f"SELECT v, count(*) AS n FROM (SELECT {source} AS v FROM {METADATA_TABLE}) "
-                "GROUP BY v ORDER BY n DESC, v LIMIT ?", [limit]
-            ).fetchall()
-            shown = ", ".join(f"{v}={n}" for v, n in rows)
-            summary[column] = f"{self.column_types[column]}: {shown}"
-        return summary
 
     def close(self) -> None:
         self._con.close()

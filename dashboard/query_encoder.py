@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dashboard.cache_format import CacheError, Manifest
+from cache_builder.cache_format import CacheError, Manifest
 
 
 @functools.lru_cache(maxsize=4)

@@ -87,7 +87,7 @@ REGION_OVERRIDE_KEY = "region_override"  # tests (AppTest cannot draw) put grid 
 def open_cache_ui(default: str | None, key: str, label: str = "Cache",
                   report_skipped: bool = True) -> tuple[catalog.CacheEntry, FeatureCache]:
     """Sidebar cache choice, opened; stops the page with a message when there is nothing usable to open."""
-    from dashboard.cache_format import CacheError
+    from cache_builder.cache_format import CacheError
 
     with st.sidebar:
         entry = cache_picker_ui(catalog.find_caches(caches_root()), default, key, label, report_skipped)

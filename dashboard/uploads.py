@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dashboard.images import to_rgb
+from cache_builder.images import to_rgb
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 50_000_000  # well above any photo, well below a decompression bomb

@@ -8,7 +8,7 @@ import time
 import streamlit as st
 
 from dashboard import analysis, charts, export, rendering, ui
-from dashboard.cache_format import CacheError
+from cache_builder.cache_format import CacheError
 from dashboard.metadata import FilterError
 from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache, window_score_map
 from dashboard.share import MAX_K, SearchState, from_params, to_params

@@ -18,7 +18,7 @@ from PIL import Image
 from cache_builder.build import STATE_FILE, BuildOptions, build_cache
 from cache_builder.errors import BuildError
 from cache_builder.sources import SourceOptions, parse_source
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 from dashboard.feature_cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]

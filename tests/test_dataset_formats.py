@@ -15,7 +15,7 @@ from PIL import Image
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.errors import BuildError
 from cache_builder.sources import SourceOptions, parse_source
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 
 SMALL = dict(model="efficientnet_lite0", image_size=64, batch_size=4, workers=0)
 RNG = np.random.default_rng(0)

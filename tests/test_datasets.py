@@ -22,7 +22,7 @@ from cache_builder import dataset_formats as formats
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.errors import BuildError
 from cache_builder.sources import SourceOptions, parse_source
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(model="efficientnet_lite0", image_size=64, batch_size=4, workers=0)
@@ -327,7 +327,7 @@ def test_cli_prints_one_note_per_reason_and_selects_splits(messy_iwildcam, tmp_p
 
 
 def test_a_text_and_a_list_species_column_combine(messy_iwildcam, messy_coco, tmp_path):
-    from cache_builder.metadata_writer import metadata_frame
+    from cache_builder.metadata_table import metadata_frame
 
     sources = [parse_source(f"iwildcam:{messy_iwildcam}"),
                parse_source(f"coco-cameratraps:{messy_coco / 'index.json'}:{messy_coco / 'images'}")]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cache_builder.build import STATE_FILE
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 from dashboard.feature_cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ import json, os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import duckdb, pandas as pd
 from cache_builder.errors import BuildError
-from cache_builder.metadata_writer import write_metadata_frame
+from cache_builder.metadata_table import write_metadata_frame
 mount = sys.argv[2]
 n = 3000
 frame = pd.DataFrame({"id": range(n), "path": ["img/%07d.jpg" % i for i in range(n)],

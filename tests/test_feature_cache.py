@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cache_builder.synthetic import write_array_cache
-from dashboard import cache_format as fmt
-from dashboard.cache_format import CacheError
+from cache_builder import cache_format as fmt
+from cache_builder.cache_format import CacheError
 from dashboard.feature_cache import FeatureCache
 
 

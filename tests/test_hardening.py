@@ -14,7 +14,7 @@ from cache_builder import build as build_module
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.sources import SourceOptions, parse_source
 from cache_builder.synthetic import write_array_cache
-from dashboard import cache_format as fmt
+from cache_builder import cache_format as fmt
 from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import MetadataFilter
 from dashboard.search import RegionQuery, search_cache

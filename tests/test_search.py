@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import reference_scores
 from dashboard import search
-from dashboard.cache_format import encode_features
+from cache_builder.cache_format import encode_features
 from dashboard.metadata import MetadataFilter
 from dashboard.search import QueryError, RegionQuery, box_mask, mask_to_grid, rank, score_windows, search_cache
 
@@ -22,7 +22,7 @@ SCORE_TOL = max(TOLERANCE.values())
 
 def stored(features: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """What the cache holds for `features`: bf16 tensor, sqnorms, and the rounded values as float64."""
-    bits, sqnorms = encode_features(torch.from_numpy(features))
+    bits, sqnorms = encode_features(features)
     tensor = torch.from_numpy(bits).view(torch.bfloat16)
     return tensor, sqnorms, tensor.double().numpy()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dashboard import search, search_kernel
-from dashboard.cache_format import encode_features
+from cache_builder.cache_format import encode_features
 from dashboard.search import RegionQuery, score_windows, search_cache
 from dashboard.search_kernel import KernelQuery, KernelUnavailable, load_kernel
 
@@ -59,8 +59,7 @@ def test_soft_weights_add_a_remainder_run_only_where_bfloat16_is_inexact():
 def wide_cache():
     """1,100 images 4x5x40: enough for the kernel to split the work over threads."""
     rng = np.random.default_rng(4)
-    bits, sqnorms = encode_features(torch.from_numpy(np.maximum(rng.normal(size=(1100, 4, 5, 40)), 0)
-                                                      .astype(np.float32)))
+    bits, sqnorms = encode_features(np.maximum(rng.normal(size=(1100, 4, 5, 40)), 0).astype(np.float32))
     return torch.from_numpy(bits).view(torch.bfloat16), sqnorms
 
 

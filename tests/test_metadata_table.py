@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
-from cache_builder.metadata_writer import write_metadata_frame
+from cache_builder.metadata_table import write_metadata_frame
 
 
 def test_a_list_column_whose_first_thousand_sampled_rows_are_empty(tmp_path):

@@ -1,4 +1,4 @@
-"""The on-disk cache layout: the one contract between `cache_builder` (writer) and `dashboard` (reader).
+"""The on-disk cache layout: what `cache_builder` writes and `dashboard` reads, owned by the writer.
 
 A cache is a directory::
 
@@ -12,7 +12,9 @@ Why bfloat16: on the target CPUs a bfloat16 GEMM runs 3-7x faster than float32 a
 (see ``benchmarks/search.py``); bfloat16 also halves the bytes scanned per query.
 
 Row *i* of every array is image ``id = i`` of the metadata table. ``status`` is ``complete`` only once every file
-above has been written; readers must refuse anything else.
+above has been written; readers must refuse anything else (``check_manifest``, ``open_arrays``).
+
+Plain numpy on purpose: the dashboard, scripts and tests read caches without importing torch through here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -49,14 +50,39 @@ def image_relpath(image_id: int) -> str:
     return f"{IMAGES_DIR}/{image_id // 1000:03d}/{image_id:07d}{IMAGE_SUFFIX}"
 
 
-def encode_features(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values -> bfloat16 bit patterns (uint16), rounded to nearest even exactly as torch rounds them."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    with np.errstate(over="ignore"):  # only NaNs can wrap, and they are replaced below
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0x7FC0
+    return rounded
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> the float32 values they stand for (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_storage(values: np.ndarray) -> np.ndarray:
+    """float32 values exactly representable in the cache's bfloat16, so every query path agrees bit for bit."""
+    return from_bfloat16_bits(to_bfloat16_bits(values))
+
+
+def encode_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B, H, W, C) float features -> stored bfloat16 bits (uint16) and float32 squared norms of the stored values.
 
     Norms are taken after rounding so a region searched against its own image scores 1.
     """
-    rounded = features.detach().float().contiguous().to(torch.bfloat16)
-    sqnorms = rounded.float().square().sum(dim=-1)
-    return rounded.view(torch.int16).numpy().view(np.uint16), sqnorms.numpy()
+    bits = to_bfloat16_bits(features)
+    rounded = from_bfloat16_bits(bits)
+    return bits, np.einsum("...c,...c->...", rounded, rounded, dtype=np.float32)
+
+
+def quote_identifier(name: str) -> str:
+    """A metadata column name (from a user's CSV, say) as a DuckDB identifier, whatever characters it holds."""
+    return '"' + str(name).replace('"', '""') + '"'
 
 
 @dataclass
@@ -82,6 +108,11 @@ class Manifest:
     batch_size: int = 0
     dtype: str = FEATURE_DTYPE
     format_version: int = FORMAT_VERSION
+
+    @property
+    def label_column(self) -> str | None:
+        """The metadata column naming an image's class, as its source declared it (None if none did)."""
+        return next((s["label_column"] for s in self.sources if s.get("label_column")), None)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -151,3 +182,28 @@ def check_manifest(manifest: Manifest, cache_dir: Path) -> None:
         )
     if manifest.dtype != FEATURE_DTYPE:
         raise CacheError(f"{cache_dir} stores {manifest.dtype} features; only {FEATURE_DTYPE} is supported")
+
+
+def open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only memory map of one cache array, refused unless it holds exactly what the manifest says."""
+    if not path.is_file():
+        raise CacheError(f"{path.parent}: {path.name} is missing; rebuild the cache")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise CacheError(f"{path} is unreadable or truncated ({exc}); rebuild the cache") from None
+    if array.dtype != np.dtype(dtype) or array.shape != shape:
+        raise CacheError(
+            f"{path} holds {array.dtype} {array.shape} but the manifest says {np.dtype(dtype)} {shape}; "
+            "the cache was modified or is incomplete, rebuild it"
+        )
+    return array
+
+
+def open_arrays(cache_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """(features bits, squared norms) of a checked manifest's cache, memory-mapped."""
+    cache_dir = Path(cache_dir)
+    n = manifest.image_count
+    h, w, c = manifest.grid
+    return (open_array(cache_dir / FEATURES_FILE, np.uint16, (n, h, w, c)),
+            open_array(cache_dir / SQNORMS_FILE, np.float32, (n, h, w)))

@@ -1,4 +1,5 @@
-"""Write the `images` table of metadata.duckdb: row `id` of the table is row `id` of the feature arrays."""
+"""The `images` table of metadata.duckdb: written here (row `id` of the table is row `id` of the feature arrays)
+and summarised for `python -m cache_builder info`. The dashboard's reads are in `dashboard.metadata`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from cache_builder import cache_format as fmt
+from cache_builder.cache_format import quote_identifier
 from cache_builder.errors import BuildError
 from cache_builder.sources import Source, SourceItem
-from dashboard import cache_format as fmt
-from dashboard.sql import quote_identifier
 
 
 def metadata_frame(rows: list[tuple[Source, SourceItem]]) -> pd.DataFrame:
@@ -78,3 +79,31 @@ def write_metadata_frame(path: Path, frame: pd.DataFrame) -> None:
         raise BuildError(f"could not write {path}: {str(exc).splitlines()[0]}; fix the cause and rerun the same "
                          "command to resume (the extracted features are kept)") from None
     os.replace(tmp, path)
+
+
+_RANGE_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE", "DECIMAL", "UTINYINT",
+                "USMALLINT", "UINTEGER", "UBIGINT", "DATE", "TIMESTAMP", "TIME")
+
+
+def column_summaries(path: Path, limit: int = 5) -> dict[str, str]:
+    """Per column: the range of numbers and dates, else the `limit` most frequent values (list elements counted)."""
+    table = fmt.METADATA_TABLE
+    summary = {}
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        raise fmt.CacheError(f"{path} is unreadable: {str(exc).splitlines()[0]}") from None
+    with con:
+        for column, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall():
+            if column in ("id", "path"):
+                continue
+            ident = quote_identifier(column)
+            if kind.startswith(_RANGE_TYPES) and not kind.endswith("[]"):
+                lo, hi = con.execute(f"SELECT min({ident}), max({ident}) FROM {table}").fetchone()
+                summary[column] = f"{kind} from {lo} to {hi}"
+                continue
+            values = f"unnest({ident})" if kind.endswith("[]") else ident
+            rows = con.execute(f"SELECT v, count(*) AS n FROM (SELECT {values} AS v FROM {table}) "
+                               "GROUP BY v ORDER BY n DESC, v LIMIT ?", [limit]).fetchall()
+            summary[column] = f"{kind}: " + ", ".join(f"{v}={n}" for v, n in rows)
+    return summary
