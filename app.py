@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import ui
+from dashboard.ui import access, resources
 
 st.set_page_config(page_title="Visual Feature Search", page_icon=":mag:", layout="wide")
 navigation = st.navigation([
@@ -11,6 +11,6 @@ navigation = st.navigation([
     st.Page("pages/dataset.py", title="Dataset", icon=":material/photo_library:"),
     st.Page("pages/caches.py", title="Caches", icon=":material/database:"),
 ])
-ui.access_gate_ui()
-ui.ensure_demo_cache_ui()
+access.access_gate_ui()
+resources.ensure_demo_cache_ui()
 navigation.run()

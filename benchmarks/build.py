@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_builder import demo  # noqa: E402
 from cache_builder.build import BuildOptions, build_cache, resolve_device  # noqa: E402
 from cache_builder.models import FeatureExtractor, load_model  # noqa: E402
-from cache_builder.sources import SourceOptions, parse_source  # noqa: E402
+from cache_builder.sources import SourceOptions, demo, parse_source  # noqa: E402
 
 
 def forward_only(model_name: str, images: int, batch_size: int, device: torch.device) -> float:

@@ -22,8 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboard.feature_cache import FeatureCache  # noqa: E402
+from dashboard.geometry import box_mask, mask_to_grid  # noqa: E402
 from dashboard.metadata import MetadataFilter  # noqa: E402
-from dashboard.search import RegionQuery, box_mask, search_cache  # noqa: E402
+from dashboard.search import SearchRequest, search_regions  # noqa: E402
 
 DOMAINS = ("in", "out")
 
@@ -49,19 +50,19 @@ def evaluate(cache: FeatureCache, step: int = 10, k: int = 10) -> dict[tuple[str
                for column in ("species", "location") for domain in DOMAINS}
     precision: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for row in animals.itertuples():
-        features = cache.image_features(int(row.id))
         animal = (int(row.bbox_x0), int(row.bbox_y0), int(row.bbox_x1), int(row.bbox_y1))
         queries = {
             "species": (animal, row.species),
             "location": (background_box(animal, size), row.location),
         }
         for target, (box, wanted) in queries.items():
-            query = RegionQuery.from_mask(features, box_mask(size, box))
+            weights = mask_to_grid(box_mask(cache.image_size, box), cache.grid)
             for hit_domain in DOMAINS:
                 if wanted not in present[(target, hit_domain)]:
                     continue  # e.g. an in-domain location never appears out of domain: nothing to find
-                hits = search_cache(cache, query, k=k, exclude_id=int(row.id),
-                                    flt=MetadataFilter(equals={"domain": [hit_domain]})).hits
+                hits = search_regions(SearchRequest(
+                    cache=cache, weights=weights, image_id=int(row.id), k=k, exclude_query=True,
+                    flt=MetadataFilter(equals={"domain": [hit_domain]}))).hits
                 precision[(target, row.domain, hit_domain)].append(float((hits[target] == wanted).mean()))
     return precision
 

@@ -2,10 +2,11 @@
 
 What is compared, per configuration (N images x feature grid x centred binary mask):
 
-* engine -- a full query as the dashboard runs it: ``RegionQuery.from_grid_mask`` + ``score_windows`` over the
-  memory-mapped bfloat16 cache opened with ``FeatureCache`` + ``rank`` top-10, page cache warm; by default the
-  native kernel (``dashboard/search_kernel.c``), ``--backend torch`` times the fallback for machines without a
-  C compiler;
+* engine -- a full query's scoring as the dashboard runs it: ``RegionQuery.from_grid_mask`` +
+  ``dashboard.scoring.score_windows`` over the memory-mapped bfloat16 cache opened with ``FeatureCache`` +
+  ``rank`` top-10, page cache warm; by default the native kernel (``dashboard/scoring/kernel.c``),
+  ``--backend`` picks any scorer of ``dashboard.scoring.SCORERS`` (``torch`` times the fallback for machines
+  without a C compiler);
 * reference -- ``reference_cached_search`` below, which re-implements ``CachedSearchTool`` of Ulrich & Fong's
   "Interactive Visual Feature Search" (two ``conv2d`` per batch of 500 float32 NCHW images held in RAM), in
   float32, fed the bfloat16-rounded features decoded from the same cache so both see the same numbers. It is
@@ -44,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 from cache_builder.synthetic import write_array_cache  # noqa: E402
 from cache_builder.cache_format import CacheError  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
-from dashboard.search import BACKENDS, RegionQuery, rank, score_windows  # noqa: E402
-from dashboard.search_kernel import kernel_status  # noqa: E402
+from dashboard.region_query import RegionQuery  # noqa: E402
+from dashboard.scoring import SCORERS, engine_status, get_scorer, score_windows  # noqa: E402
+from dashboard.search import rank  # noqa: E402
 
 GRIDS = [(7, 7, 320), (14, 14, 112)]
 MASKS = {"1 cell": 1, "3x3": 3, "full": None}  # side of the centred square; None = the whole grid
@@ -113,7 +115,7 @@ def open_if_current(path: Path, n: int, grid: tuple[int, int, int]) -> FeatureCa
         cache = FeatureCache.open(path)
     except CacheError:
         return None
-    if cache.size == n and tuple(cache.grid) == grid and cache.manifest.model == DATA_TAG:
+    if cache.size == n and (*cache.grid, cache.channels) == grid and cache.manifest.model == DATA_TAG:
         return cache
     cache.metadata.close()
     return None
@@ -384,7 +386,8 @@ def print_header(args: argparse.Namespace) -> None:
     log(f"command: {' '.join([sys.executable] + sys.argv)}")
     log(f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"load average {load_average()} (other processes share these cores; timings are wall clock)")
-    engine = "torch fallback (--backend torch)" if args.backend == "torch" else kernel_status()
+    engine = engine_status() if args.backend is None else \
+        f"{get_scorer(args.backend).describe()} (--backend {args.backend})"
     log(f"engine: {engine}")
     log(f"sizes {args.sizes}, engine: {args.warmups} warm-up + {args.reps} timed queries per config, "
         f"reference: {args.ref_reps} timed queries on {REF_N:,} images (after a one-batch backend pick/warm-up)")
@@ -529,7 +532,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-reps", type=int, help="timed reference queries per config (default 3; 2 with --quick)")
     parser.add_argument("--warmups", type=int, default=2, help="untimed engine queries per config (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads for both methods (default: torch's own)")
-    parser.add_argument("--backend", choices=BACKENDS, help="engine backend (default: native kernel if it builds)")
+    parser.add_argument("--backend", choices=tuple(SCORERS),
+                        help="engine backend (default: native kernel if it builds)")
     parser.add_argument("--in-ram", action="store_true",
                         help="time the engine on arrays copied into RAM instead of the memory-mapped cache")
     args = parser.parse_args()

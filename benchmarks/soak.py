@@ -12,7 +12,7 @@ search run alone (must be 0).
 Part 2, memory sharing: a 20,000-image 7x7x320 synthetic cache (0.6 GB, written once under
 benchmarks/out/caches) searched by 1 session, then by 8 at once. The feature array is memory-mapped, so its
 pages are counted once (file-backed, shared with every process); each session adds only its search's temporaries
-(bounded by dashboard.search.CHUNK_BYTES), never a copy of the cache.
+(bounded by dashboard.scoring.torch_path.CHUNK_BYTES), never a copy of the cache.
 
 Everything is local; both parts are bounded in count, part 1 also in time (--max-seconds).
 """
@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.metadata import MetadataFilter  # noqa: E402
-from dashboard.search import CHUNK_BYTES, RegionQuery, search_cache  # noqa: E402
+from dashboard.scoring.torch_path import CHUNK_BYTES  # noqa: E402
+from dashboard.search import SearchRequest, search_regions  # noqa: E402
 
 FILTER_COLUMNS = ("domain", "location", "species")
 CACHES = ROOT / "benchmarks" / "out" / "caches"
@@ -86,10 +87,10 @@ def random_weights(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return weights
 
 
-def random_filter(rng: np.random.Generator, values: dict[str, list]) -> MetadataFilter | None:
+def random_filter(rng: np.random.Generator, values: dict[str, list]) -> MetadataFilter:
     roll = rng.random()
     if roll < 0.3 or not values:
-        return None
+        return MetadataFilter()
     if roll < 0.4:  # matches nothing: a value no row has
         return MetadataFilter(equals={str(rng.choice(list(values))): ["(no such value)"]})
     columns = rng.choice(list(values), size=min(len(values), int(rng.integers(1, 3))), replace=False)
@@ -102,7 +103,7 @@ def random_filter(rng: np.random.Generator, values: dict[str, list]) -> Metadata
 
 
 def random_search(cache: FeatureCache, rng: np.random.Generator, values: dict[str, list]) -> dict:
-    h, w, _ = cache.grid
+    h, w = cache.grid
     group_columns = [c for c in ("location", "species", "domain") if c in values]
     return dict(
         image_id=int(rng.integers(cache.size)), weights=random_weights(rng, h, w), k=int(rng.integers(1, 101)),
@@ -113,9 +114,9 @@ def random_search(cache: FeatureCache, rng: np.random.Generator, values: dict[st
 
 
 def run_search(cache: FeatureCache, spec: dict) -> pd.DataFrame:
-    query = RegionQuery.from_grid_mask(cache.image_features(spec["image_id"]), spec["weights"])
-    return search_cache(cache, query, k=spec["k"], flt=spec["flt"], per_group=spec["per_group"],
-                        exclude_id=spec["image_id"] if spec["exclude"] else None).hits
+    return search_regions(SearchRequest(cache=cache, weights=spec["weights"], image_id=spec["image_id"], k=spec["k"],
+                                        flt=spec["flt"], per_group=spec["per_group"],
+                                        exclude_query=spec["exclude"])).hits
 
 
 def check_hits(hits: pd.DataFrame, spec: dict) -> str | None:
@@ -128,7 +129,7 @@ def check_hits(hits: pd.DataFrame, spec: dict) -> str | None:
         return "the excluded query image is a hit"
     if spec["per_group"] and hits[spec["per_group"]].astype("string").fillna("\0").duplicated().any():
         return f"two hits share a {spec['per_group']}"
-    for column, allowed in (spec["flt"].equals.items() if spec["flt"] else ()):
+    for column, allowed in spec["flt"].equals.items():
         if not hits[column].isin(allowed).all():
             return f"a hit's {column} is not one of {allowed}"
     return None
@@ -203,22 +204,21 @@ def sharing_cache(n: int) -> FeatureCache:
 def sessions_rss(n: int) -> None:
     cache = sharing_cache(n)
     size = cache.features_bits.nbytes
-    features = cache.image_features(1)
-    queries = []
+    requests = []
     for side, top, left in ((3, 2, 2), (1, 3, 3), (7, 0, 0), (2, 0, 5), (3, 4, 1), (1, 6, 0), (2, 3, 3), (4, 1, 2)):
-        weights = np.zeros((7, 7), dtype=np.float32)
+        weights = np.zeros(cache.grid, dtype=np.float32)
         weights[top:top + side, left:left + side] = 1.0
-        queries.append(RegionQuery.from_grid_mask(features, weights))
+        requests.append(SearchRequest(cache=cache, weights=weights, image_id=1, k=20))
     base = proc_status()
     can_reset = reset_peak()
     t0 = time.perf_counter()
-    search_cache(cache, queries[0], k=20)
+    search_regions(requests[0])
     one_s = time.perf_counter() - t0
     one = proc_status()
     reset_peak()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda q: search_cache(cache, q, k=20), queries))
+        list(pool.map(search_regions, requests))
     eight_s = time.perf_counter() - t0
     eight = proc_status()
 
@@ -228,7 +228,7 @@ def sessions_rss(n: int) -> None:
                 f"{(after['RssFile'] - before['RssFile']) / MB:+.0f} MB, anonymous "
                 f"{(after['RssAnon'] - before['RssAnon']) / MB:+.0f} MB, peak {peak}")
 
-    print(f"feature array {size / MB:.0f} MB ({cache.size:,} x {cache.grid}), memory-mapped")
+    print(f"feature array {size / MB:.0f} MB ({cache.size:,} x {(*cache.grid, cache.channels)}), memory-mapped")
     print(f"  opened: RSS {base['VmRSS'] / MB:.0f} MB (file-backed {base['RssFile'] / MB:.0f} MB, "
           f"anonymous {base['RssAnon'] / MB:.0f} MB)")
     print(line("1 session, 1 search of every image", base, one, one_s))
@@ -258,7 +258,7 @@ def main() -> None:
         print(f"building the demo cache in {args.cache} ...", flush=True)
         build_cache([parse_source("demo")], args.cache, BuildOptions(model="efficientnet_lite0"))
     cache = FeatureCache.open(args.cache)
-    print(f"== part 1: soak on {args.cache} ({cache.size:,} images, grid {cache.grid})")
+    print(f"== part 1: soak on {args.cache} ({cache.size:,} images, grid {(*cache.grid, cache.channels)})")
     soak(cache, args.searches, args.threads, args.max_seconds, args.seed)
     if not args.skip_sharing:
         print("== part 2: memory of 1 vs 8 sessions on one memory-mapped cache")

@@ -95,8 +95,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run_build(args: argparse.Namespace) -> int:
     from cache_builder.build import BuildOptions, build_cache
-    from cache_builder.dataset_formats import KEPT_REASONS
-    from cache_builder.sources import SourceOptions, parse_source
+    from cache_builder.sources import KEPT_REASONS, SourceOptions, parse_source
 
     source_options = SourceOptions(multilabel=tuple(args.multilabel), sep=args.sep,
                                    allow_outside=args.allow_outside, demo_size=args.demo_size,

@@ -29,8 +29,12 @@ def write_array_cache(
     model: str = "synthetic",
     layer: str = "synthetic",
     chunk: int = 2048,
+    label_column: str | None = None,
 ) -> fmt.Manifest:
-    """Write a complete cache. `features` is (N, H, W, C) float, or `fn(start, stop)` returning such rows."""
+    """Write a complete cache. `features` is (N, H, W, C) float, or `fn(start, stop)` returning such rows.
+
+    `label_column` names the metadata column that holds an image's class, as a real source declares it.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if callable(features):
@@ -62,7 +66,8 @@ def write_array_cache(
     manifest = fmt.Manifest(
         model=model, layer=layer, weights_source="synthetic", weights_sha256=None,
         preprocessing={"input_size": input_size}, input_size=input_size, grid=(h, w, c), image_count=n,
-        sources=[{"spec": "synthetic", "kind": "synthetic", "domain": None, "images": n}],
+        sources=[{"spec": "synthetic", "kind": "synthetic", "domain": None, "images": n,
+                  **({"label_column": label_column} if label_column else {})}],
         builder_version=__version__, status=fmt.STATUS_COMPLETE,
     )
     fmt.write_manifest(out, manifest)

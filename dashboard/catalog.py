@@ -1,21 +1,13 @@
-"""Where caches live and which ones exist: the folder comes from the environment, config or a default."""
+"""Which caches exist in a caches folder (the folder itself is a setting: `dashboard.settings`)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cache_builder import cache_format as fmt
 
-CACHES_ENV = "VFS_CACHES_DIR"
-DEFAULT_CACHES_DIR = Path("caches")
 DEMO_CACHE_NAME = "demo"
-
-
-def caches_dir(configured: str | None = None) -> Path:
-    """$VFS_CACHES_DIR, else the configured folder (secrets/config), else ./caches."""
-    return Path(os.environ.get(CACHES_ENV) or configured or DEFAULT_CACHES_DIR).expanduser()
 
 
 @dataclass(frozen=True)

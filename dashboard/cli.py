@@ -10,11 +10,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dashboard import export
 from cache_builder.cache_format import CacheError
+from dashboard import export
 from dashboard.feature_cache import FeatureCache
+from dashboard.geometry import QueryError, box_mask, display_mask_to_grid
 from dashboard.metadata import FilterError, MetadataFilter
-from dashboard.search import QueryError, box_mask, query_from_mask, search_cache
+from dashboard.query_encoder import encode_image
+from dashboard.search import SearchRequest, search_regions
+from dashboard.uploads import UploadError, read_upload
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -67,30 +70,26 @@ def read_mask(path: Path) -> np.ndarray:
 
 def run_search(args: argparse.Namespace) -> int:
     cache = FeatureCache.open(args.cache)
-    size = cache.input_size
-    if args.image_id is not None:
-        features = cache.image_features(args.image_id)
-    else:
-        from dashboard.query_encoder import encode_image
-        from dashboard.uploads import read_upload
-
+    features = None
+    if args.image is not None:
         _, features = encode_image(cache.manifest, read_upload(args.image.read_bytes(), name=str(args.image)))
     if args.box:
         try:
             box = [float(v) for v in args.box.split(",")]
         except ValueError:
             raise QueryError(f"--box {args.box!r}: expected four numbers X0,Y0,X1,Y1") from None
-        mask = box_mask(size, box)
+        mask = box_mask(cache.image_size, box)
     else:
         mask = read_mask(args.mask)
-    query = query_from_mask(features, mask, size)
     if args.exclude_query and args.image_id is None:
         raise QueryError("--exclude-query needs --image-id (an uploaded image is not in the cache)")
-    result = search_cache(
-        cache, query, k=args.k, flt=parse_filters(args.filter, cache.metadata),
-        exclude_id=args.image_id if args.exclude_query else None, per_group=args.per,
+    request = SearchRequest(
+        cache=cache, weights=display_mask_to_grid(mask, cache.image_size, cache.grid), image_id=args.image_id,
+        features=features, k=args.k, flt=parse_filters(args.filter, cache.metadata),
+        per_group=args.per, exclude_query=args.exclude_query,
     )
-    sys.stdout.write(export.to_csv(result.hits) if args.format == "csv" else export.to_json(result.hits) + "\n")
+    hits = search_regions(request).hits
+    sys.stdout.write(export.to_csv(hits) if args.format == "csv" else export.to_json(hits) + "\n")
     return 0
 
 
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return run_search(args)
-    except (CacheError, QueryError, FilterError) as exc:
+    except (CacheError, QueryError, FilterError, UploadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

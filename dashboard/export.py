@@ -35,3 +35,14 @@ def to_parquet(table: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     return buffer.getvalue()
+
+
+def format_value(value) -> str:
+    """Short display form of a metadata cell: lists joined as in the CSV, missing values as a dash."""
+    if is_list_value(value):
+        return LIST_SEPARATOR.join(map(str, value)) or "–"
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA or value is pd.NaT:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -65,6 +65,11 @@ class FeatureCache:
     def input_size(self) -> int:
         return self.manifest.input_size
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the cached images: the display a region is drawn on."""
+        return self.input_size, self.input_size
+
     def features(self) -> torch.Tensor:
         """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy); never write through it."""
         return tensor_view(self.features_bits).view(torch.bfloat16)

@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 from cache_builder.cache_format import CacheError, Manifest
+from cache_builder.errors import BuildError
+from cache_builder.models import FeatureExtractor, Preprocessing, load_model
 
 
 @functools.lru_cache(maxsize=4)
 def _extractor(model: str, layer: str, weights: str | None, image_size: int, sha256: str | None):
-    from cache_builder.errors import BuildError
-    from cache_builder.models import FeatureExtractor, load_model
-
     try:
         loaded = load_model(model, weights=weights, image_size=image_size)
     except BuildError as exc:
@@ -31,8 +30,6 @@ def _extractor(model: str, layer: str, weights: str | None, image_size: int, sha
 
 def encode_image(manifest: Manifest, image: Image.Image) -> tuple[Image.Image, np.ndarray]:
     """The image as the model sees it (for display and drawing) and its (H, W, C) float32 features."""
-    from cache_builder.models import Preprocessing
-
     preprocessing = Preprocessing.from_dict(manifest.preprocessing)
     extractor, lock = _extractor(manifest.model, manifest.layer, manifest.weights_arg, manifest.input_size,
                                  manifest.weights_sha256)

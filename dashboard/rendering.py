@@ -1,19 +1,19 @@
 """Pictures for the pages: the matched window on a hit, a similarity heat map, the feature grid, a region.
 
-Everything is drawn in the pixels of the image as the model saw it, where feature cell (r, c) covers
-[c * S / W, (c + 1) * S / W) x [r * S / H, (r + 1) * S / H).
+Everything is drawn in the pixels of the image as the model saw it; `dashboard.geometry` says which pixels a
+feature cell covers.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import plotly.colors
 from PIL import Image, ImageDraw
 
-# A few stops of matplotlib's "inferno" (dark purple -> yellow), interpolated: perceptually ordered, no matplotlib.
-_INFERNO = np.array([
-    [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
-    [252, 255, 164],
-], dtype=np.float64)
+from dashboard.geometry import cell_edges, per_pixel
+
+# "Inferno" (dark purple -> yellow), perceptually ordered: the same scale the charts' plotly offers.
+_INFERNO = np.array([plotly.colors.hex_to_rgb(c) for c in plotly.colors.sequential.Inferno], dtype=np.float64)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -33,10 +33,6 @@ def draw_window(image: Image.Image, box: tuple[int, int, int, int], color=(255, 
     x0, y0, x1, y1 = (int(v) for v in box)
     ImageDraw.Draw(out).rectangle((x0, y0, x1 - 1, y1 - 1), outline=tuple(color), width=width)
     return out
-
-
-def _cell_edges(size: int, cells: int) -> np.ndarray:
-    return np.rint(np.arange(cells + 1) * size / cells).astype(int)
 
 
 def cell_scores(window_scores: np.ndarray, grid: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
@@ -71,11 +67,7 @@ def heatmap_overlay(image: Image.Image, window_scores: np.ndarray, grid: tuple[i
     lo, hi = cells.min(), cells.max()
     scaled = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
     base = np.asarray(image.convert("RGB"), dtype=np.float64)
-    colours = colormap(scaled).astype(np.float64)
-    rows, cols = _cell_edges(base.shape[0], grid[0]), _cell_edges(base.shape[1], grid[1])
-    row_index = np.repeat(np.arange(grid[0]), np.diff(rows))
-    col_index = np.repeat(np.arange(grid[1]), np.diff(cols))
-    layer = colours[row_index][:, col_index]
+    layer = per_pixel(colormap(scaled).astype(np.float64), base.shape[:2])
     return Image.fromarray(np.rint(base * (1 - alpha) + layer * alpha).astype(np.uint8))
 
 
@@ -84,9 +76,9 @@ def grid_overlay(image: Image.Image, grid: tuple[int, int], color=(255, 255, 255
     base = image.convert("RGBA")
     lines = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(lines)
-    for x in _cell_edges(base.width, grid[1])[1:-1]:
+    for x in cell_edges(base.width, grid[1])[1:-1]:
         draw.line([(x, 0), (x, base.height - 1)], fill=tuple(color), width=1)
-    for y in _cell_edges(base.height, grid[0])[1:-1]:
+    for y in cell_edges(base.height, grid[0])[1:-1]:
         draw.line([(0, y), (base.width - 1, y)], fill=tuple(color), width=1)
     return Image.alpha_composite(base, lines).convert("RGB")
 
@@ -94,10 +86,6 @@ def grid_overlay(image: Image.Image, grid: tuple[int, int], color=(255, 255, 255
 def region_overlay(image: Image.Image, weights: np.ndarray, color=(255, 80, 0), alpha: float = 0.55) -> Image.Image:
     """A grid-resolution region (soft weights) tinted onto the image: how a linked region looks."""
     base = np.asarray(image.convert("RGB"), dtype=np.float64)
-    grid = weights.shape
-    rows, cols = _cell_edges(base.shape[0], grid[0]), _cell_edges(base.shape[1], grid[1])
-    per_pixel = np.asarray(weights, dtype=np.float64)[np.repeat(np.arange(grid[0]), np.diff(rows))][
-        :, np.repeat(np.arange(grid[1]), np.diff(cols))]
-    strength = (per_pixel * alpha)[..., None]
+    strength = (per_pixel(np.asarray(weights, dtype=np.float64), base.shape[:2]) * alpha)[..., None]
     tinted = base * (1 - strength) + np.array(color, dtype=np.float64) * strength
     return Image.fromarray(np.rint(tinted).astype(np.uint8))

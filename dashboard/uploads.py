@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -24,20 +23,21 @@ def read_upload(data: bytes, name: str = "upload", max_bytes: int = MAX_UPLOAD_B
         raise UploadError(f"{name} is empty (0 bytes)")
     if len(data) > max_bytes:
         raise UploadError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB")
+    # The pixel limit is checked from the header, before decoding; no warnings filter is touched (that state is
+    # process-wide, and every session runs in a thread of one process). Pillow's own bomb check still raises
+    # above twice its limit.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.format not in ALLOWED_FORMATS:
-                    raise UploadError(f"{name} is a {image.format} file; upload a JPEG, PNG or WebP image")
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise UploadError(f"{name} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit")
-                image.load()
-                upright = ImageOps.exif_transpose(image)
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ALLOWED_FORMATS:
+                raise UploadError(f"{name} is a {image.format} file; upload a JPEG, PNG or WebP image")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UploadError(f"{name} is {width}x{height} pixels, over the {max_pixels:,}-pixel limit")
+            image.load()
+            upright = ImageOps.exif_transpose(image)
     except UploadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise UploadError(f"{name} is too large to decode safely (decompression bomb protection)") from None
     except UnidentifiedImageError:
         raise UploadError(f"{name} is not an image Pillow can read; upload a JPEG, PNG or WebP image") from None

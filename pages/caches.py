@@ -2,14 +2,16 @@
 
 import streamlit as st
 
-from dashboard import catalog, ui
-from dashboard.search_kernel import kernel_status
+from dashboard import catalog
+from dashboard.scoring import engine_status
+from dashboard.settings import CACHES_DIR_ENV
+from dashboard.ui import access, resources
 
-ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
+access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Caches")
-root = ui.caches_root()
+root = resources.caches_root()
 entries = catalog.find_caches(root)
-st.caption(f"Caches folder: `{root}` (set `VFS_CACHES_DIR` to use another) · search engine: {kernel_status()}")
+st.caption(f"Caches folder: `{root}` (set `{CACHES_DIR_ENV}` to use another) · search engine: {engine_status()}")
 if not entries:
     st.warning("No cache found. Build one with `python -m cache_builder build --source demo --out caches/demo`.")
 
@@ -28,7 +30,7 @@ for entry in entries:
         cols[3].metric("Feature grid", f"{h}x{w}x{c}")
         st.caption(f"Built {manifest.created} · weights: {manifest.weights_source} · "
                    f"{len(manifest.skipped)} skipped files")
-        cache = ui.load_cache(entry.path)
+        cache = resources.load_cache(entry.path)
         sample = list(range(min(8, cache.size)))
         st.image([str(cache.image_file(i)) for i in sample], width=120,
                  caption=[str(p) for p in cache.metadata.rows(sample, ["path"])["path"]])

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import analysis, rendering, ui
-from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache
+from dashboard import analysis, geometry, rendering
+from dashboard.geometry import QueryError
+from dashboard.search import SearchRequest
+from dashboard.ui import access, resources, widgets
 
 HITS_PER_ROW = 4
 
-ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
+access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Compare two caches")
-entry_a, cache_a = ui.open_cache_ui(None, key="compare-a", label="Cache A")
-entry_b, cache_b = ui.open_cache_ui(None, key="compare-b", label="Cache B", report_skipped=False)
+entry_a, cache_a = widgets.open_cache_ui(None, key="compare-a", label="Cache A")
+entry_b, cache_b = widgets.open_cache_ui(None, key="compare-b", label="Cache B", report_skipped=False)
 with st.sidebar:
     k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=10, key="compare-k")
 problem = analysis.dataset_mismatch(cache_a.metadata.rows(None, ["path"])["path"],
@@ -23,8 +25,7 @@ if problem:
 
 st.number_input(f"Query image id (0-{cache_a.size - 1})", min_value=0, max_value=cache_a.size - 1, key="compare-id")
 image_id = int(st.session_state["compare-id"])
-drawn = ui.region_ui(cache_a.load_image(image_id), cache_a.grid[:2], key=f"compare-canvas-{image_id}",
-                     show_grid=False, mode="freedraw", stroke_width=30)
+drawn = widgets.region_ui(cache_a.load_image(image_id), cache_a.grid, key=f"compare-canvas-{image_id}")
 if drawn is None:
     st.info("Highlight a region of the query image; it is searched in both caches.")
     st.stop()
@@ -32,11 +33,12 @@ if drawn is None:
 results = {}
 for name, cache in ((entry_a.name, cache_a), (entry_b.name, cache_b)):
     try:
-        query = RegionQuery.from_grid_mask(cache.image_features(image_id), mask_to_grid(drawn, cache.grid[:2]))
+        request = SearchRequest(cache=cache, weights=geometry.mask_to_grid(drawn, cache.grid), image_id=image_id,
+                                k=int(k), exclude_query=True)
+        results[name] = resources.run_search(request).hits
     except QueryError as exc:
         st.warning(f"{name}: {exc}")
         st.stop()
-    results[name] = search_cache(cache, query, k=int(k), exclude_id=image_id).hits
 
 ids_a, ids_b = (list(results[n]["id"]) for n in (entry_a.name, entry_b.name))
 overlap = analysis.overlap(ids_a, ids_b)

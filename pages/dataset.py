@@ -5,18 +5,21 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from dashboard import analysis, ui
+from dashboard import analysis
+from dashboard.export import format_value
 from dashboard.metadata import FilterError, MetadataFilter
+from dashboard.search_session import SearchSession
+from dashboard.ui import access, widgets
 
 PAGE_SIZE = 24
 COLUMNS_PER_ROW = 6
 
-ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
+access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Dataset")
-entry, cache = ui.open_cache_ui(None, key="dataset-cache")
+entry, cache = widgets.open_cache_ui(None, key="dataset-cache")
 store = cache.metadata
 with st.sidebar:
-    flt = ui.filters_ui(store, MetadataFilter(), key="dataset-filter")
+    flt = widgets.filters_ui(store, MetadataFilter(), key="dataset-filter")
 try:
     ids = store.filter_ids(flt)
 except FilterError as exc:
@@ -45,9 +48,9 @@ for start in range(0, len(shown), COLUMNS_PER_ROW):
     for column, (_, row) in zip(st.columns(COLUMNS_PER_ROW), shown.iloc[start:start + COLUMNS_PER_ROW].iterrows()):
         image_id = int(row["id"])
         column.image(str(cache.image_file(image_id)), width="stretch")
-        column.caption(f"id {image_id} · {ui.format_value(row['path'])}")
+        column.caption(f"id {image_id} · {format_value(row['path'])}")
         if column.button("Use as query", key=f"use-{image_id}"):
-            ui.use_as_query(entry.name, image_id)
+            SearchSession(st.session_state).use_as_query(entry.name, image_id)
             st.switch_page("pages/search.py")
 
 with st.expander("Metadata table"):

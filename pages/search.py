@@ -3,44 +3,38 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import streamlit as st
 
-from dashboard import analysis, charts, export, rendering, ui
 from cache_builder.cache_format import CacheError
+from dashboard import analysis, charts, export, rendering
+from dashboard.export import format_value
+from dashboard.geometry import QueryError
 from dashboard.metadata import FilterError
-from dashboard.search import QueryError, RegionQuery, mask_to_grid, search_cache, window_score_map
-from dashboard.share import MAX_K, SearchState, from_params, to_params
+from dashboard.search import SearchRequest
+from dashboard.search_session import FROM_DATASET, QUERY_SOURCES, SearchSession
+from dashboard.share import MAX_K, SearchState, to_params
+from dashboard.ui import access, resources, widgets
 from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError
 
 HITS_PER_ROW = 5
-KEY_COLUMNS = ("domain", "location", "label", "species", "diagnoses", "split")
+CONTEXT_COLUMNS = ("domain", "location", "split")  # shown under each image, after the manifest's label column
 
-ui.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
+access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Search by region")
-
-# ---- state from a shared link, applied once per session
-if "link_state" not in st.session_state:
-    link, problems = from_params(st.query_params)
-    st.session_state.link_state = link
-    st.session_state.link_problems = problems
-    if link.image_id is not None:
-        st.session_state.query_id = link.image_id
-    if link.region is not None:
-        st.session_state.preset_region = (link.image_id, link.region)
-link: SearchState = st.session_state.link_state
-for problem in st.session_state.pop("link_problems", []):
+session = SearchSession(st.session_state)
+link = session.apply_link_once(st.query_params)
+for problem in session.take_link_problems():
     st.warning(problem)
 
-entry, cache = ui.open_cache_ui(link.cache, key="search-cache")
+entry, cache = widgets.open_cache_ui(link.cache, key=SearchSession.CACHE)
 store = cache.metadata
-grid = cache.grid[:2]
+caption_columns = [c for c in (cache.label_column, *CONTEXT_COLUMNS) if c and c in store.column_types]
 
 # ---- options
 with st.sidebar:
     k = st.number_input("Number of hits (k)", min_value=1, max_value=MAX_K, value=link.k, key="k")
-    flt = ui.filters_ui(store, link.flt, key="search-filter")
+    flt = widgets.filters_ui(store, link.flt, key="search-filter")
     group_options = [None] + [c for c in store.chartable_columns() if not store.is_list(c)]
     per_group = st.selectbox("Best image per group", group_options,
                              index=group_options.index(link.per_group) if link.per_group in group_options else 0,
@@ -50,36 +44,31 @@ with st.sidebar:
     show_heat = st.checkbox("Similarity heat map on hits", value=False, key="heat")
 
 # ---- query image
-source = st.radio("Query image", ["From the dataset", "Upload an image"], horizontal=True, key="query-source")
-features = None
-query_key = None
-if source == "From the dataset":
-    st.session_state.setdefault("query_id", 0)
-    if st.session_state.query_id >= cache.size:
-        st.session_state.query_id = 0
+source = st.radio("Query image", QUERY_SOURCES, horizontal=True, key=SearchSession.QUERY_SOURCE)
+query_id = features = row = None
+if source == FROM_DATASET:
+    session.query_id(cache.size)
     left, right = st.columns([3, 1])
-    left.number_input(f"Image id (0-{cache.size - 1})", min_value=0, max_value=cache.size - 1, key="query_id")
-    right.button("Random image", width="stretch", on_click=ui.pick_random_query, args=(cache.size,))
-    query_id = int(st.session_state.query_id)
+    left.number_input(f"Image id (0-{cache.size - 1})", min_value=0, max_value=cache.size - 1,
+                      key=SearchSession.QUERY_ID)
+    right.button("Random image", width="stretch", on_click=session.pick_random, args=(cache.size,))
+    query_id = int(st.session_state[SearchSession.QUERY_ID])
     query_image = cache.load_image(query_id)
-    features = cache.image_features(query_id)
-    query_key = f"id:{query_id}"
+    canvas_key = f"id:{query_id}"
     row = store.rows([query_id]).iloc[0]
-    st.caption(" · ".join(f"{c}: {ui.format_value(row[c])}" for c in ["path", *KEY_COLUMNS] if c in row.index))
+    st.caption(" · ".join(f"{c}: {format_value(row[c])}" for c in ["path", *caption_columns]))
 else:
-    query_id = None
     upload = st.file_uploader("JPEG, PNG or WebP", type=["jpg", "jpeg", "png", "webp"], key="upload")
     if upload is None:
         st.info("Upload an image to search with it; it is encoded with this cache's model and layer.")
         st.stop()
     data = upload.getvalue()
-    digest = hashlib.sha256(data).hexdigest()[:16]
     try:
-        query_image, features = ui.encode_upload(str(entry.path), data, upload.name, MAX_UPLOAD_BYTES)
+        query_image, features = resources.encode_upload(str(entry.path), data, upload.name, MAX_UPLOAD_BYTES)
     except (UploadError, CacheError) as exc:
         st.error(str(exc))
         st.stop()
-    query_key = f"upload:{digest}"
+    canvas_key = f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
 
 # ---- region
 tools = st.columns([2, 2, 2])
@@ -89,67 +78,54 @@ width = tools[1].slider("Brush width", 5, 80, 30, key="brush")
 show_grid = tools[2].checkbox("Show feature grid", value=False, key="show-grid")
 canvas_column, hint_column = st.columns([3, 2])
 with canvas_column:
-    drawn = ui.region_ui(query_image, grid, key=f"canvas-{entry.name}-{query_key}", show_grid=show_grid,
-                         mode=mode, stroke_width=width)
-    drawn = None if drawn is None else mask_to_grid(drawn, grid)
-preset = st.session_state.get("preset_region")
-weights = drawn
-if weights is None and preset is not None and preset[0] == query_id:
-    weights = preset[1]
+    drawn = widgets.region_ui(query_image, cache.grid, key=f"canvas-{entry.name}-{canvas_key}",
+                              show_grid=show_grid, mode=mode, stroke_width=width)
+region = session.region(drawn, query_id, cache.grid)
 with hint_column:
     st.markdown("Draw over the part of the image to search for. Undo and clear are in the canvas toolbar.")
-    if drawn is None and weights is not None:
-        st.image(rendering.grid_overlay(rendering.region_overlay(query_image, weights), grid),
+    if region is not None and region.origin == "preset":
+        st.image(rendering.grid_overlay(rendering.region_overlay(query_image, region.weights), cache.grid),
                  caption="Region from the link or the clicked hit (draw to replace it)", width=224)
 
-state = SearchState(cache=entry.name, image_id=query_id, region=weights, k=int(k), flt=flt,
-                    per_group=per_group, exclude_query=exclude_query)
-st.query_params.from_dict(to_params(state))
-if weights is None:
+weights = None if region is None else region.weights
+st.query_params.from_dict(to_params(SearchState(cache=entry.name, image_id=query_id, region=weights, k=int(k),
+                                                flt=flt, per_group=per_group, exclude_query=exclude_query)))
+if region is None:
     st.info("Highlight a region of the query image to search.")
     st.stop()
 
-# ---- search (only when something that matters changed)
+# ---- search (memoised by Streamlit: a rerun that changes nothing that matters does not search again)
 try:
-    query = RegionQuery.from_grid_mask(features, weights)
+    request = SearchRequest(cache=cache, weights=weights, image_id=query_id, features=features, k=int(k), flt=flt,
+                            per_group=per_group, exclude_query=exclude_query and query_id is not None)
+    result = resources.run_search(request)
 except QueryError as exc:
     st.warning(str(exc))
     st.stop()
-search_key = (str(entry.path), cache.manifest.created, query_key, weights.tobytes(), repr(flt), int(k), per_group,
-              exclude_query and query_id is not None)
-memo = st.session_state.get("search_memo")
-if memo is None or memo["key"] != search_key:
-    started = time.perf_counter()
-    try:
-        result = search_cache(cache, query, k=int(k), flt=flt, per_group=per_group,
-                              exclude_id=query_id if exclude_query else None)
-    except (QueryError, FilterError) as exc:
-        st.error(str(exc))
-        st.stop()
-    memo = {"key": search_key, "result": result, "elapsed": time.perf_counter() - started, "searched": None}
-    st.session_state.search_memo = memo
-result, elapsed = memo["result"], memo["elapsed"]
+except FilterError as exc:
+    st.error(str(exc))
+    st.stop()
 hits = result.hits
-st.caption(f"Searched {result.searched_count:,} of {cache.size:,} images in {elapsed * 1000:.0f} ms.")
+st.caption(f"Searched {result.searched_count:,} of {cache.size:,} images in {result.elapsed_s * 1000:.0f} ms.")
 if hits.empty:
     st.warning("No image matches the filters: widen or clear them in the sidebar.")
     st.stop()
 
 # ---- hits
 st.subheader(f"Top {len(hits)}")
+heat = resources.hit_heat_maps(request, tuple(int(i) for i in hits["id"])) if show_heat else None
 for start in range(0, len(hits), HITS_PER_ROW):
-    for column, (_, hit) in zip(st.columns(HITS_PER_ROW), hits.iloc[start:start + HITS_PER_ROW].iterrows()):
+    for column, (i, hit) in zip(st.columns(HITS_PER_ROW), hits.iloc[start:start + HITS_PER_ROW].iterrows()):
         hit_id = int(hit["id"])
         picture = cache.load_image(hit_id)
-        if show_heat:
-            heat = window_score_map(cache.features(), cache.sqnorms, query, hit_id)
-            picture = rendering.heatmap_overlay(picture, heat, grid, query.box)
+        if heat is not None:
+            picture = rendering.heatmap_overlay(picture, heat[i], cache.grid, result.query.box)
         picture = rendering.draw_window(picture, (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
         column.image(picture, width="stretch")
         column.markdown(f"**#{hit['rank']}** · {hit['score']:.3f} · id {hit_id}")
-        column.caption(" · ".join(ui.format_value(hit[c]) for c in KEY_COLUMNS if c in hit.index))
-        column.button("Search from here", key=f"requery-{hit_id}", on_click=ui.requery,
-                      args=(hit_id, hit, grid))
+        column.caption(" · ".join(format_value(hit[c]) for c in caption_columns))
+        column.button("Search from here", key=f"requery-{hit_id}", on_click=session.search_from_hit,
+                      args=(hit_id, hit["row"], hit["col"], hit["height"], hit["width"], cache.grid))
 
 # ---- charts
 st.subheader("Hits by metadata")
@@ -157,9 +133,7 @@ chartable = store.chartable_columns()
 if chartable:
     default = chartable.index("domain") if "domain" in chartable else 0
     by = st.selectbox("Group by", chartable, index=default, key="chart-column")
-    if memo["searched"] is None:  # metadata of every searched image, fetched once per search, not per rerun
-        memo["searched"] = store.rows(result.scores["id"], [c for c in store.columns if c != "path"])
-    searched = memo["searched"]
+    searched = result.searched
     left, right = st.columns(2)
     shares = analysis.composition(hits, searched, by)
     left.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"), "share",
@@ -168,12 +142,11 @@ if chartable:
     distribution = analysis.score_distribution(result.scores, searched, by)
     right.plotly_chart(charts.score_histogram(
         distribution, f"Scores of all {result.searched_count:,} searched images by {by}"), width="stretch")
-    label_columns = [c for c in ("species", "label", "diagnoses") if c in store.columns]
-    if query_id is not None and label_columns:
-        label = label_columns[0]
+    label = cache.label_column
+    if row is not None and label is not None:
         agreement = analysis.label_agreement(hits, row[label], label, "domain" if "domain" in hits else None)
         left.plotly_chart(charts.agreement_bars(
-            agreement, f"Hits with the query's {label} ({ui.format_value(row[label])})"), width="stretch")
+            agreement, f"Hits with the query's {label} ({format_value(row[label])})"), width="stretch")
     for list_column in [c for c in store.columns if store.is_list(c)]:
         enrichment = analysis.value_enrichment(hits, searched, list_column)
         right.plotly_chart(charts.paired_bars(enrichment, ("hit_rate", "prevalence"), "rate",

@@ -49,7 +49,7 @@ def small_cache(tmp_path_factory) -> FeatureCache:
     })
     images = rng.integers(0, 255, size=(n, 48, 48, 3), dtype=np.uint8)
     out = tmp_path_factory.mktemp("small_cache")
-    write_array_cache(out, features, metadata=metadata, input_size=48, images=images)
+    write_array_cache(out, features, metadata=metadata, input_size=48, images=images, label_column="label")
     return FeatureCache.open(out)
 
 

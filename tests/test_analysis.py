@@ -8,7 +8,7 @@ import pytest
 
 from dashboard import analysis
 from dashboard.metadata import MetadataFilter
-from dashboard.search import RegionQuery, search_cache
+from dashboard.search import SearchRequest, search_regions
 
 # Ten searched images. Lists come as Python lists or numpy arrays (as DuckDB returns them), with an empty list,
 # a NULL list and a repeated value; labels and domains have NULLs.
@@ -165,9 +165,10 @@ def test_store_offers_only_columns_with_few_values(small_cache):
 def test_charts_data_from_a_real_search(small_cache):
     """What the search page does: hits plus the metadata of every searched image, here a filtered subset."""
     store = small_cache.metadata
-    query = RegionQuery.from_grid_mask(small_cache.image_features(5), np.pad(np.ones((2, 3)), ((1, 2), (2, 1))))
-    result = search_cache(small_cache, query, k=8, flt=MetadataFilter(equals={"domain": ["in"]}))
-    searched = store.rows(result.scores["id"])
+    result = search_regions(SearchRequest(cache=small_cache, image_id=5, k=8, weights=np.pad(
+        np.ones((2, 3)), ((1, 2), (2, 1))), flt=MetadataFilter(equals={"domain": ["in"]})))
+    searched = result.searched
+    assert list(searched["id"]) == list(store.filter_ids(MetadataFilter(equals={"domain": ["in"]})))
     assert len(result.hits) == 8 and len(searched) == result.searched_count == 25
 
     shares = analysis.composition(result.hits, searched, "location")

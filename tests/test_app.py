@@ -8,14 +8,15 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from cache_builder import demo
+from cache_builder.sources import demo
 from dashboard import catalog
+from dashboard.settings import CACHES_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def app(caches: Path, monkeypatch) -> AppTest:
-    monkeypatch.setenv(catalog.CACHES_ENV, str(caches))
+    monkeypatch.setenv(CACHES_DIR_ENV, str(caches))
     monkeypatch.chdir(ROOT)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     at.switch_page("pages/caches.py")
@@ -45,7 +46,7 @@ def test_broken_cache_is_explained_and_others_still_shown(small_cache, tmp_path,
 
 def test_first_start_builds_the_demo_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEFAULT_DEMO_SIZE", 16)
-    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHES_DIR_ENV, str(tmp_path))
     monkeypatch.chdir(ROOT)
     first = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()  # the entry script builds
     assert not first.exception

@@ -102,7 +102,20 @@ def test_search_cli_mask_png_and_json(small_cache, tmp_path):
     (["--box", "0,0,10,10", "--filter", "nosuch=1"], "no column 'nosuch'"),
     (["--box", "0,0,10,10", "--filter", "domain"], "COLUMN=VALUE"),
     (["--mask", "/etc/hostname"], "not a readable image"),
+    (["--box", "0,0,10,10", "--per", "nosuch"], "no metadata column 'nosuch'"),
+    (["--box", "0,0,10,10", "--image-id", "40"], "not in this cache"),
 ])
 def test_search_cli_bad_input(small_cache, extra, message):
     result = run("dashboard", "search", str(small_cache.path), "--image-id", "1", *extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("query, message", [
+    ("/etc/passwd", "not an image Pillow can read"),
+    ("/definitely/missing.jpg", "No such file or directory"),
+])
+def test_search_cli_query_file_that_is_not_an_image_is_one_line(small_cache, query, message):
+    result = run("dashboard", "search", str(small_cache.path), "--image", query, "--box", "0,0,10,10")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,12 +1,14 @@
 """Many sessions, one process: concurrent searches and metadata queries give exactly the serial results, leave
 process-wide state alone, and share the memory-mapped cache instead of copying it.
 
-Streamlit runs every session's script in its own thread of one process, and `ui.open_cache` hands all of them
-the same `FeatureCache` (one memory map, one DuckDB connection), so this is what a busy hosted app does.
+Streamlit runs every session's script in its own thread of one process, and
+`dashboard.ui.resources.load_cache` hands all of them the same `FeatureCache` (one memory map, one DuckDB
+connection), so this is what a busy hosted app does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,10 @@ import pytest
 from cache_builder.synthetic import write_array_cache
 from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import MetadataFilter
-from dashboard.search import CHUNK_BYTES, RegionQuery, search_cache, window_score_map
+from dashboard.region_query import RegionQuery
+from dashboard.scoring import score_windows, window_score_maps
+from dashboard.scoring.torch_path import CHUNK_BYTES
+from dashboard.search import SearchRequest, SearchResult, search_regions
 
 THREADS = 16
 
@@ -79,7 +84,7 @@ def random_filter(rng: np.random.Generator, cache: FeatureCache, kinds: dict[str
     store = cache.metadata
     roll = rng.integers(6)
     if roll == 0:
-        return None
+        return MetadataFilter()
     if roll == 1:  # matches nothing: no hits, not an error
         return MetadataFilter(equals={"path": ["no such image"]})
     if roll == 2 and kinds["number"]:
@@ -99,7 +104,7 @@ def random_filter(rng: np.random.Generator, cache: FeatureCache, kinds: dict[str
 def random_searches(cache: FeatureCache, count: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     kinds = column_kinds(cache)
-    h, w, _ = cache.grid
+    h, w = cache.grid
     return [dict(
         image_id=int(rng.integers(cache.size)),
         weights=random_weights(rng, h, w),
@@ -110,11 +115,9 @@ def random_searches(cache: FeatureCache, count: int, seed: int) -> list[dict]:
     ) for _ in range(count)]
 
 
-def run_search(cache: FeatureCache, spec: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    query = RegionQuery.from_grid_mask(cache.image_features(spec["image_id"]), spec["weights"])
-    result = search_cache(cache, query, k=spec["k"], flt=spec["flt"], per_group=spec["per_group"],
-                          exclude_id=spec["image_id"] if spec["exclude"] else None)
-    return result.hits, result.scores
+def run_search(cache: FeatureCache, spec: dict) -> SearchResult:
+    return search_regions(SearchRequest(cache=cache, weights=spec["weights"], image_id=spec["image_id"], k=spec["k"],
+                                        flt=spec["flt"], per_group=spec["per_group"], exclude_query=spec["exclude"]))
 
 
 def all_at_once(function, arguments: list) -> list:
@@ -134,12 +137,15 @@ def test_sixteen_concurrent_searches_equal_the_same_searches_run_one_by_one(fixt
     cache = request.getfixturevalue(fixture)
     searches = random_searches(cache, THREADS, seed=5)
     serial = [run_search(cache, spec) for spec in searches]
-    assert any(len(hits) == 0 for hits, _ in serial) and any(len(hits) > 5 for hits, _ in serial)
+    assert any(len(one.hits) == 0 for one in serial) and any(len(one.hits) > 5 for one in serial)
+    assert any(spec["exclude"] for spec in searches) and any(spec["per_group"] for spec in searches)
     concurrent = all_at_once(lambda spec: run_search(cache, spec), searches)
-    for spec, (hits, scores), (hits_again, scores_again) in zip(searches, serial, concurrent):
-        # ids, exact scores, windows (row, col, x0..y1) and metadata of every hit; the score of every searched image
-        pd.testing.assert_frame_equal(hits, hits_again, check_exact=True, obj=f"hits of {spec}")
-        pd.testing.assert_frame_equal(scores, scores_again, check_exact=True, obj=f"scores of {spec}")
+    for spec, alone, together in zip(searches, serial, concurrent):
+        # ids, exact scores, windows (row, col, x0..y1) and metadata of every hit; the score and the metadata of
+        # every searched image
+        for part in ("hits", "scores", "searched"):
+            pd.testing.assert_frame_equal(getattr(alone, part), getattr(together, part), check_exact=True,
+                                          obj=f"{part} of {spec}")
 
 
 def test_concurrent_metadata_queries_equal_serial_ones(bigger_cache):
@@ -176,20 +182,18 @@ def test_the_engine_leaves_the_process_warning_filters_alone(bigger_cache, monke
     concurrent sessions, interleavings leave its temporary filter installed for good (every later UserWarning of
     the process silenced) or drop filters another thread set. The cache's tensor views and the scoring kernel,
     run for every search and heat map, must not change the filters at all (counted exactly, not by racing)."""
-    from dashboard.search import score_windows
-
     changes = []
     real = warnings._filters_mutated
     monkeypatch.setattr(warnings, "_filters_mutated", lambda: (changes.append(1), real())[1])
     before = list(warnings.filters)
-    weights = np.zeros(bigger_cache.grid[:2], dtype=np.float32)
+    weights = np.zeros(bigger_cache.grid, dtype=np.float32)
     weights[2:4, 1:5] = 1.0
     query = RegionQuery.from_grid_mask(bigger_cache.image_features(0), weights)
 
     def session(i: int) -> None:
         for _ in range(100):
             bigger_cache.features()
-        window_score_map(bigger_cache.features(), bigger_cache.sqnorms, query, i)
+        window_score_maps(bigger_cache.features(), bigger_cache.sqnorms, query, [i])
         score_windows(bigger_cache.features(), bigger_cache.sqnorms, query, None if i % 2 else np.arange(i, 900, 3))
 
     all_at_once(session, list(range(THREADS)))
@@ -247,27 +251,25 @@ def large_cache(tmp_path_factory) -> FeatureCache:
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
-def test_a_search_never_holds_a_copy_of_the_cache(large_cache, backend, monkeypatch):
-    monkeypatch.setenv("VFS_SEARCH_BACKEND", backend)
+def test_a_search_never_holds_a_copy_of_the_cache(large_cache, backend):
     cache_bytes = large_cache.features_bits.nbytes
     bound = CHUNK_BYTES + SLACK
     assert cache_bytes > 2 * bound  # else a copy of the cache could hide under the bound
-    features = large_cache.image_features(7)
     for side in (1, 3, 7):  # one cell, 3x3, the whole grid (one window: the matrix-vector path)
         weights = np.pad(np.ones((side, side), dtype=np.float32), (7 - side) // 2)
-        query = RegionQuery.from_grid_mask(features, weights)
-        for flt in (None, MetadataFilter(equals={"domain": ["out"]})):  # contiguous views / gathered rows
-            search_cache(large_cache, query, k=20, flt=flt)  # warm: pages mapped, thread pools started
-            grew = peak_growth(lambda q=query, f=flt: search_cache(large_cache, q, k=20, flt=f, per_group="domain"))
+        for flt in (MetadataFilter(), MetadataFilter(equals={"domain": ["out"]})):  # contiguous views / gathered rows
+            request = SearchRequest(cache=large_cache, weights=weights, image_id=7, k=20, flt=flt, backend=backend)
+            search_regions(request)  # warm: pages mapped, thread pools started
+            grouped = dataclasses.replace(request, per_group="domain")
+            grew = peak_growth(lambda r=grouped: search_regions(r))
             assert grew < bound, f"{side}x{side} mask, filter {flt}: peak +{grew / 2**20:.0f} MB"
 
 
 def test_eight_sessions_share_one_mapped_cache(large_cache):
     """8 concurrent sessions cost at most 8 searches' temporaries, never 8 caches (8 x 192 MB)."""
-    features = large_cache.image_features(3)
-    queries = [RegionQuery.from_grid_mask(features, weights.astype(np.float32))
-               for weights in (np.pad(np.ones((3, 3)), 2), np.pad(np.ones((1, 2)), ((3, 3), (2, 3))),
-                               np.ones((7, 7)), np.pad(np.ones((2, 2)), ((0, 5), (5, 0))))] * 2
-    search_cache(large_cache, queries[0], k=20)
-    grew = peak_growth(lambda: all_at_once(lambda query: search_cache(large_cache, query, k=20), queries))
+    requests = [SearchRequest(cache=large_cache, weights=weights.astype(np.float32), image_id=3, k=20)
+                for weights in (np.pad(np.ones((3, 3)), 2), np.pad(np.ones((1, 2)), ((3, 3), (2, 3))),
+                                np.ones((7, 7)), np.pad(np.ones((2, 2)), ((0, 5), (5, 0))))] * 2
+    search_regions(requests[0])
+    grew = peak_growth(lambda: all_at_once(search_regions, requests))
     assert grew < 8 * (CHUNK_BYTES + SLACK) < 8 * large_cache.features_bits.nbytes, f"+{grew / 2**20:.0f} MB"

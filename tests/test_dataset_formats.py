@@ -234,17 +234,18 @@ def test_imagenet_domains_line_up_by_wnid(imagenet, tmp_path):
 def test_a_multi_source_cache_shows_the_in_out_split_in_the_dashboard(imagenet, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from dashboard import catalog, ui
+    from dashboard.settings import CACHES_DIR_ENV
+    from dashboard.ui.widgets import REGION_OVERRIDE_KEY
 
     build_cache([parse_source(f"imagenet:{imagenet / 'val'}@in"),
                  parse_source(f"imagenet:{imagenet / 'sketch'}@out")],
                 tmp_path / "shift", BuildOptions(**SMALL))
-    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHES_DIR_ENV, str(tmp_path))
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
     at.switch_page("pages/search.py")
     at.query_params["k"] = "50"
-    at.session_state[ui.REGION_OVERRIDE_KEY] = np.ones((2, 2), dtype=np.float32)
+    at.session_state[REGION_OVERRIDE_KEY] = np.ones((2, 2), dtype=np.float32)
     at.run()
     assert not at.exception
     assert any("Searched 13 of 14 images" in c.value for c in at.caption)

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache_builder import dataset_formats as formats
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.errors import BuildError
-from cache_builder.sources import SourceOptions, parse_source
+from cache_builder.sources import SourceOptions, base, imagenet, parse_source
 from cache_builder import cache_format as fmt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,14 +155,14 @@ def coco_cache(messy_coco, tmp_path_factory) -> tuple[Path, fmt.Manifest]:
 def test_iwildcam_messy_rows_are_counted_and_never_reach_the_builder(messy_iwildcam):
     source = parse_source(f"iwildcam:{messy_iwildcam}")
     assert [item.path for item in source.items] == ["train/a.jpg", "train/b.jpg", "train/c.jpg"]
-    assert dict(source.notes) == {formats.NOT_UTF8: 1, formats.MISSING_FILE: 1, formats.DUPLICATE: 1,
-                                  formats.UNKNOWN_CATEGORY: 1}
+    assert dict(source.notes) == {base.NOT_UTF8: 1, base.MISSING_FILE: 1, base.DUPLICATE: 1,
+                                  base.UNKNOWN_CATEGORY: 1}
     assert source.describe()["dropped"] == dict(source.notes) and source.describe()["label_column"] == "species"
 
 
 def test_iwildcam_messy_build_columns(messy_cache):
     out, manifest = messy_cache
-    assert manifest.sources[0]["dropped"][formats.NOT_UTF8] == 1 and not manifest.skipped
+    assert manifest.sources[0]["dropped"][base.NOT_UTF8] == 1 and not manifest.skipped
     types, rows = table(out)
     assert types["datetime"].startswith("TIMESTAMP") and types["location"] == "VARCHAR"
     a, b, c = rows["train/a.jpg"], rows["train/b.jpg"], rows["train/c.jpg"]
@@ -201,7 +200,7 @@ def test_chestxray14_messy_rows_are_counted(messy_chestxray):
         "images_001/images/00000001_000.png", "images_002/images/00000002_000.png",
         "images_002/images/00000003_000.png",
     ]  # the v2020 table wins over the 2017 one; files outside images*/ are not looked at
-    assert dict(source.notes) == {formats.MISSING_FILE: 3, formats.NOT_UTF8: 1}  # incl. the empty row
+    assert dict(source.notes) == {base.MISSING_FILE: 3, base.NOT_UTF8: 1}  # incl. the empty row
     assert source.describe()["label_column"] == "diagnoses"
 
 
@@ -254,7 +253,7 @@ def test_coco_cameratraps_messy_entries_are_counted(messy_coco):
     assert [item.path for item in source.items] == ["a.jpg", "b.jpg", "c.jpg"]
     assert dict(source.notes) == {"images entries that are not JSON objects": 1,
                                   "annotations entries that are not JSON objects": 1,
-                                  "image entries without an id or file_name": 1, formats.NOT_UTF8: 1}
+                                  "image entries without an id or file_name": 1, base.NOT_UTF8: 1}
 
 
 def test_coco_cameratraps_messy_build_columns(coco_cache):
@@ -285,7 +284,7 @@ def test_coco_cameratraps_bad_files(messy_coco, tmp_path):
 
 
 def test_imagenet_labels_are_unique_class_names():
-    labels = formats.imagenet_labels()
+    labels = imagenet.imagenet_labels()
     assert len(labels) == 1000 and len(set(labels.values())) == 1000
     assert labels["n02012849"] == "crane (bird)" and labels["n01440764"] == "tench"
 
@@ -318,9 +317,9 @@ def test_cli_prints_one_note_per_reason_and_selects_splits(messy_iwildcam, tmp_p
          "--split", "test", "--out", str(tmp_path / "c"), "--image-size", "64", "--batch-size", "4",
          "--workers", "0", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"note: iwildcam:{messy_iwildcam}: 1 {formats.UNKNOWN_CATEGORY} (kept with an unknown class)" \
+    assert f"note: iwildcam:{messy_iwildcam}: 1 {base.UNKNOWN_CATEGORY} (kept with an unknown class)" \
         in result.stderr
-    assert f"1 {formats.NOT_UTF8} (left out)" in result.stderr
+    assert f"1 {base.NOT_UTF8} (left out)" in result.stderr
     assert "(1 images," in result.stdout  # only c.jpg is in val/test
     _, rows = table(tmp_path / "c")
     assert list(rows) == ["train/c.jpg"]

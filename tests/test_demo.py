@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_builder import demo
+from cache_builder.sources import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = demo.demo_frames()
@@ -54,7 +54,7 @@ def test_same_seed_and_index_give_identical_bytes_in_any_order():
 def test_other_process_renders_identical_bytes():
     indices = [1499, 42, 3]
     script = (
-        "import hashlib; from cache_builder import demo\n"
+        "import hashlib; from cache_builder.sources import demo\n"
         f"for i in {indices}:\n"
         "    image = demo.render_demo_image(demo.DemoFrame(index=i, metadata={}))\n"
         "    print(hashlib.sha256(image.tobytes()).hexdigest())\n"

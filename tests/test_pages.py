@@ -1,6 +1,6 @@
 """Every page through AppTest: it loads, a region searches, filters change the searched set, bad input is explained.
 
-AppTest cannot draw on the canvas component; a region is injected through `ui.REGION_OVERRIDE_KEY`, the one
+AppTest cannot draw on the canvas component; a region is injected through `REGION_OVERRIDE_KEY`, the one
 seam the page offers for that (the browser test draws for real).
 """
 
@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dashboard import catalog, ui
+from dashboard.settings import CACHES_DIR_ENV
 from dashboard.share import encode_region
+from dashboard.ui import resources
+from dashboard.ui.widgets import REGION_OVERRIDE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 REGION = np.zeros((5, 6), dtype=np.float32)
@@ -26,7 +28,7 @@ REGION[1:3, 2:4] = 1
 @pytest.fixture
 def caches(small_cache, tmp_path, monkeypatch) -> Path:
     shutil.copytree(small_cache.path, tmp_path / "tiny")
-    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHES_DIR_ENV, str(tmp_path))
     monkeypatch.chdir(ROOT)
     return tmp_path
 
@@ -53,7 +55,7 @@ def test_search_page_asks_for_a_region_first(caches):
 
 def test_search_with_a_region_shows_hits_table_and_charts(caches):
     at = page("pages/search.py")
-    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
     at.run()
     assert not at.exception, at.exception
     assert "Searched 39 of 40 images" in texts(at.caption)  # the query image itself is excluded
@@ -67,7 +69,7 @@ def test_search_with_a_region_shows_hits_table_and_charts(caches):
 
 def test_a_filter_restricts_the_searched_set(caches):
     at = page("pages/search.py")
-    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
     at.run()
     at.multiselect(key="search-filter-columns").set_value(["domain"]).run()
     at.multiselect(key="search-filter-domain").set_value(["out"]).run()
@@ -78,7 +80,7 @@ def test_a_filter_restricts_the_searched_set(caches):
 
 def test_filters_that_match_nothing_say_so(caches):
     at = page("pages/search.py", filters='{"equals":{"domain":["out"]},"ranges":{"age":[20,21]}}')
-    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
     at.run()
     assert not at.exception
     assert "No image matches the filters" in texts(at.warning)
@@ -110,11 +112,11 @@ def test_an_upload_that_is_not_an_image_gets_a_message(caches):
 def test_an_uploaded_image_is_searched(caches, monkeypatch):
     # the tiny synthetic cache has no model; give the upload path a stand-in encoder of the right shape
     features = np.random.default_rng(3).random((5, 6, 16)).astype(np.float32)
-    monkeypatch.setattr(ui, "encode_upload", lambda *a: (Image.new("RGB", (48, 48)), features))
+    monkeypatch.setattr(resources, "encode_upload", lambda *a: (Image.new("RGB", (48, 48)), features))
     buffer = io.BytesIO()
     Image.new("RGB", (64, 40), "green").save(buffer, format="PNG")
     at = page("pages/search.py")
-    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
     at.run()
     at.radio(key="query-source").set_value("Upload an image").run()
     at.file_uploader(key="upload").upload("photo.png", buffer.getvalue(), "image/png").run()
@@ -137,7 +139,7 @@ def test_compare_page_needs_a_region_then_compares(caches, small_cache):
     at = page("pages/compare.py")
     at.run()
     assert "Highlight a region" in texts(at.info)
-    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
     at.selectbox(key="compare-b").set_value("tiny-copy").run()
     assert not at.exception
     assert "10 of 10" in texts(at.metric)  # the same features in both caches: identical top-k
@@ -155,9 +157,9 @@ def test_password_gate_shows_nothing_before_login(caches):
 def gated_app():
     import streamlit as st
 
-    from dashboard import ui
+    from dashboard.ui import access
 
-    ui.access_gate_ui()
+    access.access_gate_ui()
     st.write("page content")
 
 
@@ -179,10 +181,10 @@ def test_without_secrets_the_app_is_open():
 
 def test_search_from_a_hit_makes_it_the_query(caches):
     at = page("pages/search.py")
-    at.session_state[ui.REGION_OVERRIDE_KEY] = REGION
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
     at.run()
     first_hit = at.dataframe[0].value.iloc[0]
-    at.session_state[ui.REGION_OVERRIDE_KEY] = None  # the hit's window becomes the region, not the override
+    at.session_state[REGION_OVERRIDE_KEY] = None  # the hit's window becomes the region, not the override
     at.button(key=f"requery-{int(first_hit['id'])}").click().run()
     assert not at.exception
     assert at.number_input(key="query_id").value == int(first_hit["id"])
@@ -191,7 +193,7 @@ def test_search_from_a_hit_makes_it_the_query(caches):
 
 
 def test_hosted_app_never_writes_its_caches_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv(catalog.CACHES_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHES_DIR_ENV, str(tmp_path))
     monkeypatch.chdir(ROOT)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at.secrets["password"] = "s3cret"
@@ -200,3 +202,20 @@ def test_hosted_app_never_writes_its_caches_folder(tmp_path, monkeypatch):
     assert not at.exception
     assert "No usable cache" in texts(at.error)
     assert list(tmp_path.iterdir()) == []  # no demo build in hosted mode
+
+
+def test_the_label_chart_follows_the_manifests_label_column(caches):
+    """A source names its class column in the manifest; the page uses it, whatever the column is called."""
+    import json
+
+    manifest_path = caches / "tiny" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sources"][0]["label_column"] = "location"
+    manifest_path.write_text(json.dumps(manifest))
+    at = page("pages/search.py")
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    assert not at.exception
+    specs = [chart.proto.spec for chart in at.get("plotly_chart")]
+    assert any("Hits with the query's location" in spec for spec in specs)
+    assert not any("query's label" in spec for spec in specs)

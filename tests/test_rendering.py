@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dashboard import rendering
-from dashboard.search import RegionQuery, search_cache, window_score_map
+from dashboard.search import SearchRequest, heat_maps, search_regions
 
 GRAY = 128
 
@@ -82,12 +82,12 @@ def test_heatmap_alpha_blends_with_the_image():
 
 def test_heatmap_peak_is_the_hit_window_of_a_real_search(small_cache):
     """The window the search reports and the heat map's peak cells land on the same pixels (48 px, 5x6 grid)."""
-    features = small_cache.image_features(13)
-    query = RegionQuery.from_grid_mask(features, np.pad(np.ones((2, 2)), ((1, 2), (2, 2))))
-    hit = search_cache(small_cache, query, k=3, exclude_id=13).hits.iloc[0]
-    heat = window_score_map(small_cache.features(), small_cache.sqnorms, query, int(hit["id"]))
+    result = search_regions(SearchRequest(cache=small_cache, image_id=13, k=3, exclude_query=True,
+                                          weights=np.pad(np.ones((2, 2)), ((1, 2), (2, 2)))))
+    hit = result.hits.iloc[0]
+    heat = heat_maps(small_cache, result, [int(hit["id"])])[0]
     out = np.asarray(rendering.heatmap_overlay(small_cache.load_image(int(hit["id"])), heat,
-                                               query.grid, query.box, alpha=1.0))
+                                               small_cache.grid, result.query.box, alpha=1.0))
     peak = np.all(out == rendering.colormap(np.array(1.0)), axis=2)
     np.testing.assert_array_equal(peak, block(peak.shape, (hit["y0"], hit["y1"]), (hit["x0"], hit["x1"])))
 

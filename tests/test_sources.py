@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import ast
+import importlib.util
+import inspect
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import cache_builder.sources as sources_package
 from cache_builder.errors import BuildError
-from cache_builder.sources import SourceOptions, parse_source, split_domain
+from cache_builder.sources import SOURCES, SourceOptions, parse_source
+from cache_builder.sources.base import split_domain
 
 
 def save_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
@@ -131,3 +137,41 @@ def test_demo_source_is_deterministic():
     assert [i.metadata for i in first.items] == [i.metadata for i in again.items]
     assert len({i.metadata["location"] for i in first.items}) > 3
     assert np.all([i.demo_index == n for n, i in enumerate(first.items)])
+
+
+
+def package_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of each `from X import names` in a file of cache_builder/sources/, relative ones resolved."""
+    imports = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = importlib.util.resolve_name("." * node.level + module, "cache_builder.sources")
+            imports.append((module, [alias.name for alias in node.names]))
+    return imports
+
+
+def test_registry_holds_one_module_per_format_without_private_cross_imports():
+    package = Path(sources_package.__file__).parent
+    formats = {p.stem for p in package.glob("*.py")} - {"__init__", "base"}
+    registered = set()
+    for kind, lister in SOURCES.items():
+        module = sys.modules[lister.__module__]
+        assert module.__name__.startswith("cache_builder.sources."), kind
+        assert callable(module.list_items) and module.list_items is lister, kind
+        assert list(inspect.signature(lister).parameters) == ["arg", "options", "source"], kind
+        registered.add(module.__name__.rpartition(".")[2])
+    assert registered == formats  # every format module is registered, and nothing else
+
+    with pytest.raises(BuildError, match="unknown source") as error:
+        parse_source("s3:bucket/x")
+    positions = [str(error.value).find(kind) for kind in SOURCES]
+    assert -1 not in positions and positions == sorted(positions)  # all kinds, in registry order
+
+    for path in package.glob("*.py"):
+        for module, names in package_imports(path):
+            if module.startswith("cache_builder.sources"):
+                assert not [n for n in names if n.startswith("_")], f"{path.name} imports private names of {module}"
+                if path.stem in formats:  # formats depend on base alone: no cycle, no format-to-format import
+                    assert module == "cache_builder.sources.base", f"{path.name} imports {module}"

@@ -69,3 +69,18 @@ def test_exif_rotation_is_applied():
 def test_unsupported_format_is_refused():
     with pytest.raises(UploadError, match="ICO"):
         read_upload(encode(Image.new("RGB", (16, 16)), "ICO"))
+
+
+def test_reading_an_upload_leaves_the_process_wide_warning_filters_alone(monkeypatch):
+    """Sessions are threads of one process: swapping warning filters in one would leak into the others."""
+    import warnings
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings is not thread-safe")
+
+    monkeypatch.setattr(warnings, "catch_warnings", refuse)
+    before = list(warnings.filters)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    assert read_upload(buffer.getvalue()).size == (8, 8)
+    assert warnings.filters == before

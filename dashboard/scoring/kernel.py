@@ -1,10 +1,10 @@
-"""The native search kernel: `search_kernel.c`, compiled once per machine with the system C compiler, via ctypes.
+"""The native search kernel: `kernel.c`, compiled once per machine with the system C compiler, via ctypes.
 
 Why native code: a query reads every byte of the (memory-mapped) cache once, so the search is as fast as the
 memory bus allows only if one pass does everything. The kernel scores each image straight from the memory map
 (no gathered copies for filtered searches, no temporaries) and computes only the products the windows use,
-with AVX512-BF16 dot products where the CPU has them. `dashboard.search` falls back to its torch path where
-no compiler is found (``kernel_status()`` says why).
+with AVX512-BF16 dot products where the CPU has them. `dashboard.scoring` falls back to its torch path where
+no compiler is found (``engine_status()`` says why).
 
 The compiled library is kept in ``$VFS_KERNEL_DIR`` (default ``~/.cache/visual-feature-search/kernels``),
 named by a hash of the source, the compiler and the CPU, so a changed source or another machine sharing the
@@ -28,8 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCE = Path(__file__).with_name("search_kernel.c")
-VARIANTS = ("best", "generic")  # generic: the portable path even where AVX512-BF16 exists (tests compare both)
+from cache_builder import cache_format as fmt
+from dashboard import settings
+from dashboard.scoring.base import check_ids
+
+SOURCE = Path(__file__).with_name("kernel.c")
+VARIANTS = ("native", "portable")  # portable: the plain C path even where AVX512-BF16 exists (tests compare both)
 FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
 MIN_IMAGES_PER_THREAD = 256
 
@@ -91,9 +95,9 @@ class KernelQuery:
             else:
                 runs.append([start, cells])
                 run_values.append(values)
-        high = [_to_bfloat16(v) for v in run_values]
-        low = [_to_bfloat16(v - hi.float().numpy()) for v, hi in zip(run_values, high)]
-        inexact = [k for k, lo in enumerate(low) if bool(lo.float().any())]
+        high = [fmt.to_bfloat16_bits(v) for v in run_values]
+        low = [fmt.to_bfloat16_bits(v - fmt.from_bfloat16_bits(hi)) for v, hi in zip(run_values, high)]
+        inexact = [k for k, lo in enumerate(low) if bool(fmt.from_bfloat16_bits(lo).any())]
         order = list(range(len(runs))) + inexact
         parts = high + [low[k] for k in inexact]
         lengths = np.array([len(p) for p in parts], dtype=np.int32)
@@ -102,7 +106,7 @@ class KernelQuery:
             term_offsets=np.array([runs[k][0] for k in order], dtype=np.int32),
             term_lengths=lengths,
             term_starts=np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.int64),
-            term_bits=np.ascontiguousarray(torch.cat(parts).view(torch.int16).numpy().view(np.uint16)),
+            term_bits=np.ascontiguousarray(np.concatenate(parts)),
             cell_offsets=(rows * grid[1] + cols).astype(np.int32),
             cell_weights=np.ascontiguousarray(weights_sq[rows, cols]),
             cell_vectors=np.ascontiguousarray(vectors[rows, cols]), query_norm=float(norm),
@@ -120,10 +124,6 @@ class KernelQuery:
             len(self.cell_offsets), self.cell_offsets.ctypes.data, self.cell_weights.ctypes.data,
             self.cell_vectors.ctypes.data, self.query_norm,
         )
-
-
-def _to_bfloat16(values: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).bfloat16()
 
 
 class SearchKernel:
@@ -173,12 +173,6 @@ class SearchKernel:
         return scores, windows, every
 
 
-def check_ids(ids: np.ndarray, n_total: int) -> None:
-    """Every id names a cached image: the kernel reads raw memory at each one."""
-    if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
-        raise IndexError(f"image ids must lie in 0..{n_total - 1}")
-
-
 def _check_inputs(query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarray) -> None:
     """The kernel trusts its pointers: everything it will read is checked here."""
     shape = (*query.grid, query.channels)
@@ -208,7 +202,7 @@ _LOADED: dict[str, SearchKernel | KernelUnavailable] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load_kernel(variant: str = "best") -> SearchKernel:
+def load_kernel(variant: str = "native") -> SearchKernel:
     """The compiled kernel (built on first use); raises KernelUnavailable, once per process, if it cannot be."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
@@ -225,17 +219,8 @@ def load_kernel(variant: str = "best") -> SearchKernel:
     return found
 
 
-def kernel_status() -> str:
-    """One line for logs and the Caches page: what searches run on here."""
-    try:
-        kernel = load_kernel()
-    except KernelUnavailable as exc:
-        return f"torch fallback ({exc})"
-    return f"native kernel ({kernel.isa})"
-
-
 def _compiler() -> str:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+    for name in (settings.current().compiler, "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
     raise KernelUnavailable("no C compiler found (install gcc or clang, or set CC)")
@@ -256,8 +241,7 @@ def _machine_key() -> str:
 
 
 def _kernel_dir() -> Path:
-    configured = os.environ.get("VFS_KERNEL_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "visual-feature-search" / "kernels"
+    return settings.current().kernel_dir
 
 
 def _folders() -> tuple[Path, Path]:
@@ -283,7 +267,7 @@ def _build(variant: str) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{compiler} --version failed: {exc}") from None
-    extra = ["-DVFS_GENERIC"] if variant == "generic" else []
+    extra = ["-DVFS_GENERIC"] if variant == "portable" else []
     digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), _machine_key().encode(),
                                         " ".join(extra).encode()])).hexdigest()[:16]
     suffix = ".dylib" if platform.system() == "Darwin" else ".so"

@@ -1,6 +1,6 @@
 /* Masked sliding-window cosine scores over a bfloat16 feature cache: the search's hot loop.
  *
- * Built and loaded by dashboard/search_kernel.py (cc -O3 -march=native, once per machine), which also states
+ * Built and loaded by dashboard/scoring/kernel.py (cc -O3 -march=native, once per machine), which also states
  * the contract; dashboard/search.py keeps a torch implementation of the same scores for machines without a
  * C compiler. One pass over each image's features, straight from the memory map: no gather copies, no
  * temporaries, so a 10% candidate set reads 10% of the bytes.

@@ -13,6 +13,9 @@ constants), so a frame's pixels depend only on (seed, index, size): not on gener
 state. That is what lets DataLoader workers render frames by index. Metadata (`demo_frames`) and pixels
 (`render_demo_image`) share `_assignment` and `_pose`, so the stored bounding box is the box the animal is drawn
 in. Backgrounds are drawn once per (seed, location, size) and cached; a frame then costs a couple of milliseconds.
+
+As a source (`--source demo`), `list_items` lists the frames' metadata only; the builder's workers render each
+frame by index (`open_item` in the package).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cache_builder.errors import BuildError
+from cache_builder.sources.base import Source, SourceItem, SourceOptions
 
 DEFAULT_DEMO_SIZE = 1500
 DEFAULT_DEMO_SEED = 0
@@ -73,6 +79,23 @@ def render_demo_image(frame: DemoFrame, seed: int = DEFAULT_DEMO_SEED, size: int
     Pixels depend only on (frame.index, seed, size); the metadata dict is not read.
     """
     return _render(frame.index, seed, size)
+
+
+def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
+    """`demo`: `--demo-size` frames (default `DEFAULT_DEMO_SIZE`) of seed `options.demo_seed`; no argument."""
+    if arg:
+        raise BuildError(f"the demo source takes no argument (got 'demo:{arg}')")
+    n = options.demo_size or DEFAULT_DEMO_SIZE
+    source.demo_seed = options.demo_seed
+    source.label_column = "species"
+    return [
+        SourceItem(
+            path=f"demo/{f.metadata['location']}/{f.index:05d}.png",
+            metadata=dict(f.metadata),
+            demo_index=f.index,
+        )
+        for f in demo_frames(n, seed=options.demo_seed)
+    ]
 
 
 # --- assignment and pose: shared by metadata and rendering ------------------------------------------------------

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dashboard import search, search_kernel
 from cache_builder.cache_format import encode_features
-from dashboard.search import RegionQuery, score_windows, search_cache
-from dashboard.search_kernel import KernelQuery, KernelUnavailable, load_kernel
+from dashboard import scoring
+from dashboard.region_query import RegionQuery
+from dashboard.scoring import kernel as search_kernel
+from dashboard.scoring import score_windows
+from dashboard.scoring.kernel import KernelQuery, KernelUnavailable, load_kernel
+from dashboard.search import SearchRequest, search_regions
 
 
 def kernel_query(weights: np.ndarray, channels: int = 4, grid: tuple[int, int] = (5, 6)) -> KernelQuery:
@@ -66,7 +69,7 @@ def wide_cache():
 def test_threads_split_the_work_without_changing_a_bit(wide_cache):
     features, sqnorms = wide_cache
     query = RegionQuery.from_grid_mask(features[7].float().numpy(), np.pad(np.ones((2, 3)), ((1, 1), (1, 1))))
-    prepared = search._kernel_query(query)
+    prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
     kernel = load_kernel()
     one = kernel.score(prepared, features, sqnorms, None, threads=1)
     ids = np.sort(np.random.default_rng(1).choice(len(features), 900, replace=False))
@@ -86,7 +89,7 @@ def test_every_window_score_is_reported_and_the_best_is_the_first_maximum(wide_c
     features = torch.cat([features[:3], zeros])
     sqnorms = np.concatenate([sqnorms[:3], np.zeros_like(sqnorms[:2])])
     query = RegionQuery.from_grid_mask(features[1].float().numpy(), np.pad(np.ones((1, 2)), ((2, 1), (1, 2))))
-    prepared = search._kernel_query(query)
+    prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
     scores, windows, every = load_kernel().score(prepared, features, sqnorms, None, with_all=True)
     assert every.shape == (5, 4 * 4)
     np.testing.assert_array_equal(scores, every.max(axis=1))
@@ -98,7 +101,7 @@ def test_every_window_score_is_reported_and_the_best_is_the_first_maximum(wide_c
 def test_inputs_the_kernel_cannot_read_safely_are_refused(wide_cache, change):
     features, sqnorms = wide_cache
     query = RegionQuery.from_grid_mask(features[0].float().numpy(), np.ones((4, 5)))
-    prepared = search._kernel_query(query)
+    prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
     if change == "dtype":
         features = features.float()
     elif change == "shape":
@@ -135,20 +138,22 @@ def test_the_kernel_is_built_once_and_then_loaded_from_its_folder(fresh_build, m
 
 
 def test_without_a_compiler_searches_fall_back_to_torch(fresh_build, monkeypatch, small_cache, caplog):
-    features = small_cache.image_features(5)
-    query = RegionQuery.from_grid_mask(features, np.pad(np.ones((2, 2)), ((1, 2), (2, 2))))
-    native = search_cache(small_cache, query, k=5)
+    request = SearchRequest(cache=small_cache, image_id=5, weights=np.pad(np.ones((2, 2)), ((1, 2), (2, 2))), k=5)
+    native = search_regions(request)
+    assert native.backend == "native"
     monkeypatch.setattr(search_kernel, "_LOADED", {})  # a new process on a machine without a compiler
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", str(fresh_build / "empty"))
     with pytest.raises(KernelUnavailable, match="no C compiler"):
         load_kernel()
-    assert search_kernel.kernel_status().startswith("torch fallback (no C compiler")
-    search._warn_fallback_once.cache_clear()
+    assert scoring.engine_status().startswith("torch fallback (no C compiler")
+    scoring._warn_fallback_once.cache_clear()
     with caplog.at_level("WARNING"):
-        assert search.default_backend() == "torch"
-        fallback = search_cache(small_cache, query, k=5)
-    assert "slower torch path" in caplog.text
+        assert scoring.get_scorer().name == "torch"
+        fallback = search_regions(request)
+    assert "slower torch path" in caplog.text and fallback.backend == "torch"
+    with pytest.raises(scoring.QueryError, match="'native' cannot run here: no C compiler"):
+        scoring.get_scorer("native")  # asked for by name, it must run: no silent fallback
     assert list(fallback.hits["id"]) == list(native.hits["id"])
     np.testing.assert_allclose(fallback.hits["score"], native.hits["score"], atol=2.0 ** -7)
 

@@ -1,0 +1,65 @@
+"""What every scoring backend provides: a query prepared once, then best windows or every window's score."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dashboard.region_query import RegionQuery
+
+
+@dataclass
+class WindowScores:
+    """Best window of every searched image; `ids` ascending, `position` = y * windows_per_row + x."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    position: np.ndarray
+    windows_per_row: int
+
+
+def check_ids(ids: np.ndarray, n_total: int) -> None:
+    """Every id names a cached image: backends read raw memory at each one."""
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_total):
+        raise IndexError(f"image ids must lie in 0..{n_total - 1}")
+
+
+class PreparedQuery(ABC):
+    """A region query laid out for one backend and one cache shape; reusable for many calls."""
+
+    out_h: int
+    out_w: int
+
+    @abstractmethod
+    def best_windows(self, features: torch.Tensor, sqnorms: np.ndarray,
+                     ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(score, window position) of the best window of each image in `ids` (every image when None).
+
+        `features` is the (N, H, W, C) bfloat16 cache (usually a memmap view), `sqnorms` its (N, H, W) float32
+        squared norms. Only the requested rows are read. Ties go to the first (top-left) window.
+        """
+
+    @abstractmethod
+    def window_maps(self, features: torch.Tensor, sqnorms: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), out_h, out_w): every window's score, the heat maps behind hits."""
+
+
+class Scorer(ABC):
+    """A named way to compute the scores (see `dashboard.scoring.SCORERS`)."""
+
+    name: str
+    description: str
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run here (None when it can)."""
+        return None
+
+    def describe(self) -> str:
+        return self.description
+
+    @abstractmethod
+    def prepare(self, query: RegionQuery, grid: tuple[int, int], channels: int) -> PreparedQuery:
+        ...

@@ -1,0 +1,93 @@
+"""The Search page's state between reruns, under named keys: which image is the query and which region wins.
+
+Pages, widget callbacks and other pages (Dataset's *Use as query*) talk to the Search page only through this
+class. It works on any mutable mapping: `st.session_state` in the app, a dict in tests, so no Streamlit here.
+
+Which region is searched, in order: one drawn on the canvas; else one preset for the current query image, by
+a shared link or by a clicked hit; else none (the page asks for one).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, MutableMapping
+
+import numpy as np
+
+from dashboard import geometry
+from dashboard.share import SearchState, from_params
+
+FROM_DATASET = "From the dataset"
+UPLOAD = "Upload an image"
+QUERY_SOURCES = (FROM_DATASET, UPLOAD)
+
+
+@dataclass(frozen=True)
+class Region:
+    weights: np.ndarray  # (H, W) on the cache's feature grid
+    origin: str  # "drawn" or "preset" (from a link or a clicked hit)
+
+
+class SearchSession:
+    QUERY_ID = "query_id"
+    QUERY_SOURCE = "query-source"
+    CACHE = "search-cache"  # the Search page's cache selectbox
+    PRESET_REGION = "preset_region"  # (image id, grid weights) from a link or a clicked hit
+    LINK = "link_state"
+    LINK_PROBLEMS = "link_problems"
+
+    def __init__(self, state: MutableMapping[str, Any]):
+        self.state = state
+
+    def apply_link_once(self, params: Mapping[str, Any]) -> SearchState:
+        """The shared link's state, applied to the session the first time only (later reruns keep edits)."""
+        if self.LINK not in self.state:
+            link, problems = from_params(params)
+            self.state[self.LINK] = link
+            self.state[self.LINK_PROBLEMS] = problems
+            if link.image_id is not None:
+                self.state[self.QUERY_ID] = link.image_id
+            if link.region is not None:
+                self.state[self.PRESET_REGION] = (link.image_id, link.region)
+        return self.state[self.LINK]
+
+    def take_link_problems(self) -> list[str]:
+        """What the link had that could not be used, reported once."""
+        return self.state.pop(self.LINK_PROBLEMS, [])
+
+    def query_id(self, size: int) -> int:
+        """The cached query image's id, reset to 0 when it is not in the current cache."""
+        current = self.state.get(self.QUERY_ID, 0)
+        if not isinstance(current, (int, np.integer)) or not 0 <= current < size:
+            current = 0
+        self.state[self.QUERY_ID] = int(current)
+        return int(current)
+
+    def region(self, drawn: np.ndarray | None, image_id: int | None, grid: tuple[int, int]) -> Region | None:
+        """The region to search: the drawn one, else a preset for this image and grid."""
+        if drawn is not None:
+            return Region(drawn, "drawn")
+        preset = self.state.get(self.PRESET_REGION)
+        if preset is not None and preset[0] == image_id and np.shape(preset[1]) == tuple(grid):
+            return Region(np.asarray(preset[1], dtype=np.float32), "preset")
+        return None
+
+    # -- callbacks: they run before the next rerun, so they may set widget values
+
+    def pick_random(self, size: int) -> None:
+        self.state[self.QUERY_ID] = random.randrange(size)
+
+    def search_from_hit(self, hit_id: int, row: int, col: int, height: int, width: int,
+                        grid: tuple[int, int]) -> None:
+        """A clicked hit becomes the query, its matched window the region."""
+        self.state[self.QUERY_SOURCE] = FROM_DATASET
+        self.state[self.QUERY_ID] = int(hit_id)
+        self.state[self.PRESET_REGION] = (int(hit_id), geometry.window_region(grid, row, col, height, width))
+
+    def use_as_query(self, cache_name: str, image_id: int) -> None:
+        """Another page hands an image to the Search page."""
+        self.state[self.CACHE] = cache_name
+        self.state[self.QUERY_SOURCE] = FROM_DATASET
+        self.state[self.QUERY_ID] = int(image_id)
+        self.state.pop(self.PRESET_REGION, None)

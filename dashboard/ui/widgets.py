@@ -1,0 +1,125 @@
+"""Widgets: each `*_ui` function draws its widgets and returns a plain value (an entry, a filter, grid weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from cache_builder.cache_format import CacheError
+from dashboard import catalog, geometry
+from dashboard.feature_cache import FeatureCache
+from dashboard.metadata import MetadataFilter, MetadataStore
+from dashboard.rendering import grid_overlay
+from dashboard.ui.resources import caches_root, load_cache
+
+DISPLAY_SIZE = 448  # the drawing canvas: twice the model's usual 224 so a brush can be precise
+REGION_OVERRIDE_KEY = "region_override"  # grid weights that replace the canvas: AppTest cannot draw
+
+
+def open_cache_ui(default: str | None, key: str, label: str = "Cache",
+                  report_skipped: bool = True) -> tuple[catalog.CacheEntry, FeatureCache]:
+    """Sidebar cache choice, opened; stops the page with a message when there is nothing usable to open."""
+    with st.sidebar:
+        entry = cache_picker_ui(catalog.find_caches(caches_root()), default, key, label, report_skipped)
+    if entry is None:
+        st.stop()
+    try:
+        return entry, load_cache(entry.path)
+    except CacheError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
+def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key: str, label: str = "Cache",
+                    report_skipped: bool = True) -> catalog.CacheEntry | None:
+    """A selectbox over the usable caches; returns the chosen entry (None when there is none)."""
+    usable = [e for e in entries if e.problem is None]
+    for broken in (e for e in entries if e.problem is not None and report_skipped):
+        st.caption(f"Skipped cache `{broken.name}`: {broken.problem}")
+    if not usable:
+        st.warning("No usable cache. Build one: `python -m cache_builder build --source demo --out caches/demo`.")
+        return None
+    names = [e.name for e in usable]
+    index = names.index(default) if default in names else 0
+
+    def describe(name: str) -> str:
+        manifest = usable[names.index(name)].manifest
+        h, w, c = manifest.grid
+        return f"{name} · {manifest.model} {manifest.layer} ({h}x{w}x{c}) · {manifest.image_count:,} images"
+
+    # a value already in session state (set by another page) wins; passing an index too would warn
+    position = {} if st.session_state.get(key) in names else {"index": index}
+    name = st.selectbox(label, names, format_func=describe, key=key, **position)
+    return usable[names.index(name)]
+
+
+def filters_ui(store: MetadataStore, initial: MetadataFilter, key: str) -> MetadataFilter:
+    """One widget per chosen column: values for categories, a range for numbers and dates, 'any of' for lists."""
+    candidates = [c for c in store.columns if c not in ("id", "path")]
+    preset = [c for c in candidates if c in {**initial.equals, **initial.ranges, **initial.contains_any}]
+    chosen = st.multiselect("Filter by", candidates, default=preset, key=f"{key}-columns",
+                            help="Only images matching every filter are searched.")
+    equals: dict[str, list] = {}
+    ranges: dict[str, tuple] = {}
+    contains: dict[str, list] = {}
+    for column in chosen:
+        widget_key = f"{key}-{column}"
+        if store.is_list(column):
+            options = store.distinct_values(column)
+            default = [v for v in initial.contains_any.get(column, []) if v in options]
+            picked = st.multiselect(f"{column} contains any of", options, default=default, key=widget_key)
+            if picked:
+                contains[column] = picked
+        elif store.is_numeric(column) or store.is_temporal(column):
+            lo, hi = store.value_range(column)
+            if lo is None or lo == hi:
+                st.caption(f"{column}: a single value ({lo}), nothing to filter")
+                continue
+            if store.is_temporal(column):
+                lo, hi = lo.date() if hasattr(lo, "date") else lo, hi.date() if hasattr(hi, "date") else hi
+                picked = st.date_input(column, value=(lo, hi), min_value=lo, max_value=hi, key=widget_key)
+                if isinstance(picked, (tuple, list)) and len(picked) == 2 and tuple(picked) != (lo, hi):
+                    ranges[column] = (str(picked[0]), f"{picked[1]} 23:59:59.999999")
+            else:
+                value = initial.ranges.get(column, (lo, hi))
+                value = tuple(type(lo)(v) if v is not None else d for v, d in zip(value, (lo, hi)))
+                picked = st.slider(column, min_value=lo, max_value=hi, value=value, key=widget_key)
+                if tuple(picked) != (lo, hi):
+                    ranges[column] = tuple(picked)
+        else:
+            options = store.distinct_values(column)
+            default = [v for v in initial.equals.get(column, []) if v in options]
+            picked = st.multiselect(column, options, default=default, key=widget_key,
+                                    format_func=lambda v: "(missing)" if v is None else str(v))
+            if picked:
+                equals[column] = picked
+    return MetadataFilter(equals=equals, ranges=ranges, contains_any=contains)
+
+
+def region_ui(image: Image.Image, grid: tuple[int, int], key: str, show_grid: bool = False,
+              mode: str = "freedraw", stroke_width: int = 30) -> np.ndarray | None:
+    """Draw on the image as the model sees it; returns the region as (H, W) grid weights, None until drawn.
+
+    Grid weights placed in `st.session_state[REGION_OVERRIDE_KEY]` replace the canvas (AppTest cannot draw on a
+    custom component; the browser test drives the real canvas).
+    """
+    # imported here: the component declares itself on import, which fails outside a running app (tests, CLI)
+    from streamlit_drawable_canvas import st_canvas
+
+    display = max(DISPLAY_SIZE, image.width)
+    background = image.resize((display, display), Image.Resampling.NEAREST)
+    if show_grid:
+        background = grid_overlay(background, grid)
+    result = st_canvas(
+        fill_color="rgba(255, 80, 0, 0.35)", stroke_width=stroke_width, stroke_color="rgba(255, 80, 0, 0.7)",
+        background_image=background, update_streamlit=True, height=display, width=display,
+        drawing_mode=mode, return_image_data=True, key=key,
+    )
+    override = st.session_state.get(REGION_OVERRIDE_KEY)
+    if override is not None:
+        return np.asarray(override, dtype=np.float32)
+    data = result.image_data if result is not None else None
+    if data is None or data.ndim != 3 or not np.any(data[..., 3] > 0):
+        return None
+    return geometry.mask_to_grid(data[..., 3] > 0, grid)

@@ -1,0 +1,144 @@
+"""Every scoring backend against the float64 formula, and what the registry promises (dashboard.scoring)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cache_builder.cache_format import encode_features
+from conftest import reference_scores
+from dashboard import scoring
+from dashboard.geometry import QueryError
+from dashboard.region_query import RegionQuery
+from dashboard.scoring import SCORERS, score_windows, window_score_maps
+from dashboard.search import rank
+
+# The native kernel multiplies the stored bfloat16 values exactly and accumulates in float32 (soft weights carry a
+# bfloat16 remainder term), so it agrees with float64 to float32 noise. The torch fallback's bfloat16 GEMM rounds
+# each per-cell dot product (and, for a whole-grid box, the weighted query) to 8 significant bits; by
+# Cauchy-Schwarz each rounding costs at most 2^-9 in score units, so two of them plus float32 noise stay < 2^-7.
+TOLERANCE = {"native": 2.0 ** -16, "portable": 2.0 ** -16, "torch": 2.0 ** -7}
+SCORE_TOL = max(TOLERANCE.values())
+
+
+def stored(features: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """What the cache holds for `features`: bf16 tensor, sqnorms, and the rounded values as float64."""
+    bits, sqnorms = encode_features(features)
+    tensor = torch.from_numpy(bits).view(torch.bfloat16)
+    return tensor, sqnorms, tensor.double().numpy()
+
+
+@st.composite
+def search_case(draw):
+    n = draw(st.integers(1, 9))
+    grid_h, grid_w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    # few channels, and counts around the kernel's 32- and 64-value steps (masked tails)
+    channels = draw(st.one_of(st.integers(1, 24), st.sampled_from([31, 32, 33, 63, 64, 65, 112, 130])))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, grid_h, grid_w, channels)).astype(np.float32)
+    if draw(st.booleans()):
+        features = np.maximum(features, 0)  # post-ReLU maps have exact zeros
+    kind = draw(st.sampled_from(["cell", "full", "box", "soft"]))
+    mask = np.zeros((grid_h, grid_w), dtype=np.float32)
+    if kind == "cell":
+        mask[rng.integers(grid_h), rng.integers(grid_w)] = 1
+    elif kind == "full":
+        mask[:] = 1
+    else:
+        y0, x0 = rng.integers(grid_h), rng.integers(grid_w)
+        y1, x1 = rng.integers(y0, grid_h) + 1, rng.integers(x0, grid_w) + 1
+        mask[y0:y1, x0:x1] = rng.uniform(0.05, 1, size=(y1 - y0, x1 - x0)) if kind == "soft" else 1
+    query_image = rng.normal(size=(grid_h, grid_w, channels)).astype(np.float32)
+    return features, query_image, mask
+
+
+@pytest.mark.parametrize("backend", list(SCORERS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=search_case())
+def test_engine_matches_float64_reference(backend, case):
+    features, query_image, mask = case
+    tol = TOLERANCE[backend]
+    tensor, sqnorms, exact = stored(features)
+    try:
+        query = RegionQuery.from_grid_mask(query_image, mask)
+    except QueryError:
+        return  # all-zero masked query: no direction to compare against
+    expected = reference_scores(exact, query.features.astype(np.float64), query.weights.astype(np.float64))
+    found = score_windows(tensor, sqnorms, query, backend=backend)
+    best = expected.reshape(len(features), -1).max(axis=1)
+    np.testing.assert_allclose(found.scores, best, atol=tol, rtol=0)
+    # the reported window scores (within precision) as well as the best one
+    chosen = expected.reshape(len(features), -1)[np.arange(len(features)), found.position]
+    np.testing.assert_allclose(chosen, best, atol=2 * tol, rtol=0)
+    # top-k agrees wherever scores are not tied within precision
+    k = min(3, len(features))
+    top = rank(found.scores, found.ids, k)
+    kth_best = np.sort(best)[::-1][k - 1]
+    assert np.all(best[top] >= kth_best - 2 * tol)
+    # every window's score, as the heat map shows it
+    heat = window_score_maps(tensor, sqnorms, query, [len(features) - 1], backend=backend)[0]
+    np.testing.assert_allclose(heat.reshape(-1), expected[-1].reshape(-1), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("backend", list(SCORERS))
+def test_candidate_subset_scores_equal_full_search(small_cache, monkeypatch, backend):
+    features = small_cache.image_features(3)
+    query = RegionQuery.from_grid_mask(features, np.pad(np.ones((2, 2)), ((1, 2), (1, 3))))
+    full = score_windows(small_cache.features(), small_cache.sqnorms, query, backend=backend)
+    subset = np.array([0, 5, 6, 17, 39])
+    monkeypatch.setattr(scoring.torch_path, "GATHER_CHUNK_BYTES", 1)  # torch: one image per chunk, loops over chunks
+    part = score_windows(small_cache.features(), small_cache.sqnorms, query, subset, backend=backend)
+    np.testing.assert_array_equal(part.ids, subset)
+    np.testing.assert_allclose(part.scores, full.scores[subset], atol=1e-6)
+    np.testing.assert_array_equal(part.position, full.position[subset])
+
+
+@pytest.mark.parametrize("ids", [np.array([0, 40]), np.array([-1]), np.array([2**40])])
+@pytest.mark.parametrize("backend", list(SCORERS))
+def test_candidate_ids_outside_the_cache_are_refused(small_cache, backend, ids):
+    """The kernel reads raw memory at each id: an id from a stale filter or a hostile caller must not reach it."""
+    query = RegionQuery.from_grid_mask(small_cache.image_features(0), np.ones((5, 6)))
+    with pytest.raises(IndexError, match="0..39"):
+        score_windows(small_cache.features(), small_cache.sqnorms, query, ids, backend=backend)
+
+
+def test_window_score_map_peaks_at_the_reported_window(small_cache):
+    features = small_cache.image_features(21)
+    mask = np.zeros((5, 6))
+    mask[2:4, 1:3] = 1
+    query = RegionQuery.from_grid_mask(features, mask)
+    heat = window_score_maps(small_cache.features(), small_cache.sqnorms, query, [21])[0]
+    assert heat.shape == (4, 5)
+    assert heat[2, 1] == pytest.approx(1.0, abs=SCORE_TOL) and heat.argmax() == 2 * 5 + 1
+    found = score_windows(small_cache.features(), small_cache.sqnorms, query, np.array([4]))
+    other = window_score_maps(small_cache.features(), small_cache.sqnorms, query, [4])[0]
+    assert other.max() == pytest.approx(found.scores[0]) and other.argmax() == found.position[0]
+
+
+def test_an_unknown_backend_is_a_clear_error_with_a_suggestion(monkeypatch):
+    monkeypatch.setenv("VFS_SEARCH_BACKEND", "portabel")
+    with pytest.raises(QueryError, match="VFS_SEARCH_BACKEND must be one of native, portable, torch.*'portable'"):
+        scoring.get_scorer()
+    with pytest.raises(QueryError, match="backend must be one of"):
+        scoring.get_scorer("gpu")
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_every_registered_scorer_is_found_by_its_name(name, monkeypatch):
+    assert scoring.get_scorer(name).name == name
+    monkeypatch.setenv("VFS_SEARCH_BACKEND", name)
+    assert scoring.get_scorer().name == name
+
+
+def test_maps_of_several_images_come_from_one_prepared_query(small_cache, monkeypatch):
+    query = RegionQuery.from_grid_mask(small_cache.image_features(5), np.pad(np.ones((2, 2)), ((1, 2), (2, 2))))
+    prepared = []
+    original = scoring.prepare
+    monkeypatch.setattr(scoring, "prepare", lambda *a, **k: prepared.append(1) or original(*a, **k))
+    maps = window_score_maps(small_cache.features(), small_cache.sqnorms, query, [3, 5, 9])
+    assert len(prepared) == 1 and maps.shape == (3, 4, 5)
+    assert maps[1].max() == pytest.approx(1.0, abs=SCORE_TOL)  # image 5 is the query
