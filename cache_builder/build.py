@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache_builder import __version__
 from cache_builder.errors import BuildError
+from cache_builder.framing import Framing, choose_framing
 from cache_builder.metadata_table import write_metadata
 from cache_builder.models import FeatureExtractor, LoadedModel, Preprocessing, load_model
 from cache_builder.sources import Source, SourceItem, open_item
@@ -34,6 +35,7 @@ from cache_builder import cache_format as fmt
 STATE_FILE = "build_state.json"
 PARTIAL_FEATURES = "features.partial.npy"
 PARTIAL_SQNORMS = "sqnorms.partial.npy"
+PARTIAL_FRAMES = "frames.partial.npy"
 PARTIAL_IMAGES = "images.partial"
 JPEG_QUALITY = 95
 
@@ -51,6 +53,7 @@ class BuildOptions:
     workers: int = 1
     overwrite: bool = False
     limit: int | None = None
+    frame: str = "auto"  # "auto" | "crop" | "fit" (see cache_builder.framing)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class BuildPlan:
     grid: tuple[int, int, int]
     batch_size: int
     weights_arg: str | None = None
+    framing: Framing = Framing("crop", 1.0, "")
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,13 +117,15 @@ class _CropDataset(Dataset):
         index, source_index, item = self.items[i]
         try:
             image = open_item(item, self.demo_seeds[source_index])
-            crop = self.prep.crop(image)
-            pixels = np.asarray(crop, dtype=np.uint8)
+            framed, content = self.prep.frame_image(image)
+            pixels = np.asarray(framed, dtype=np.uint8)
             buffer = io.BytesIO()
-            crop.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-            return {"index": index, "tensor": self.prep.normalize(pixels), "jpeg": buffer.getvalue(), "error": None}
+            framed.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+            return {"index": index, "tensor": self.prep.normalize(pixels), "jpeg": buffer.getvalue(),
+                    "content": content, "error": None}
         except Exception as exc:  # noqa: BLE001 - any decoding failure is reported, not fatal
-            return {"index": index, "tensor": None, "jpeg": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            return {"index": index, "tensor": None, "jpeg": None, "content": None,
+                    "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -128,6 +134,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "indices": [s["index"] for s in good],
         "tensor": torch.stack([s["tensor"] for s in good]) if good else None,
         "jpegs": [s["jpeg"] for s in good],
+        "content": [s["content"] for s in good],
         "failed": [(s["index"], s["error"]) for s in samples if s["error"] is not None],
     }
 
@@ -172,8 +179,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def remove_cache_files(out: Path) -> None:
-    for name in (fmt.MANIFEST_FILE, STATE_FILE, fmt.FEATURES_FILE, fmt.SQNORMS_FILE, fmt.METADATA_FILE,
-                 fmt.METADATA_FILE + ".wal", PARTIAL_FEATURES, PARTIAL_SQNORMS):
+    for name in (fmt.MANIFEST_FILE, STATE_FILE, fmt.FEATURES_FILE, fmt.SQNORMS_FILE, fmt.FRAMES_FILE,
+                 fmt.METADATA_FILE, fmt.METADATA_FILE + ".wal", PARTIAL_FEATURES, PARTIAL_SQNORMS, PARTIAL_FRAMES):
         (out / name).unlink(missing_ok=True)
     for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -207,12 +214,15 @@ def plan_build(sources: list[Source], options: BuildOptions) -> BuildPlan:
         items = items[: options.limit]
     if options.batch_size <= 0:
         raise BuildError("--batch-size must be positive")
+    framing = choose_framing(options.frame, sources, [item for _, item in items])
     model = load_model(options.model, weights=options.weights, image_size=options.image_size)
+    if framing.mode == "fit":
+        model = replace(model, preprocessing=model.preprocessing.fitted(framing.aspect))
     layer = options.layer or model.default_layer
     extractor = FeatureExtractor(model, layer)
     c, h, w = extractor.output_shape
     return BuildPlan(items=items, sources=sources, model=model, layer=layer, grid=(h, w, c),
-                     batch_size=options.batch_size, weights_arg=options.weights)
+                     batch_size=options.batch_size, weights_arg=options.weights, framing=framing)
 
 
 def build_cache(
@@ -240,6 +250,8 @@ def build_cache(
     if state["done"] == 0:  # nothing extracted yet: (re)create the partial arrays
         _allocate_array(out / PARTIAL_FEATURES, np.uint16, (n, h, w, c))
         _allocate_array(out / PARTIAL_SQNORMS, np.float32, (n, h, w))
+        if plan.framing.mode == "fit":
+            _allocate_array(out / PARTIAL_FRAMES, np.int32, (n, 4))
         (out / PARTIAL_IMAGES).mkdir(exist_ok=True)
 
     if state["done"] < n:
@@ -269,6 +281,8 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
     )
     features = np.load(out / PARTIAL_FEATURES, mmap_mode="r+")
     sqnorms = np.load(out / PARTIAL_SQNORMS, mmap_mode="r+")
+    frames = np.load(out / PARTIAL_FRAMES, mmap_mode="r+") if plan.framing.mode == "fit" else None
+    grid, image_size = plan.grid[:2], plan.model.preprocessing.input_shape
     timings = state["timings"]
     n = len(plan.items)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -280,7 +294,10 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         if indices:
             with torch.inference_mode(), autocast:
                 output = extractor(batch["tensor"].to(device, non_blocking=True))
-            bits, norms = fmt.encode_features(output.float().permute(0, 2, 3, 1).cpu().numpy())
+            maps = output.float().permute(0, 2, 3, 1).cpu().numpy()
+            if frames is not None:  # padding is no picture: its cells hold zeros and are never matched
+                maps *= _content_mask(batch["content"], grid, image_size)[..., None]
+            bits, norms = fmt.encode_features(maps)
             t_write = time.perf_counter()
             timings["model_s"] = timings.get("model_s", 0.0) + t_write - t_model
             lo, hi = indices[0], indices[-1] + 1
@@ -288,6 +305,9 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
                 features[lo:hi], sqnorms[lo:hi] = bits, norms
             else:
                 features[indices], sqnorms[indices] = bits, norms
+            if frames is not None:
+                frames[indices] = np.asarray(batch["content"], dtype=np.int32)
+                frames.flush()
             for index, jpeg in zip(indices, batch["jpegs"]):
                 (out / PARTIAL_IMAGES / f"{index:07d}{fmt.IMAGE_SUFFIX}").write_bytes(jpeg)
             features.flush()
@@ -302,7 +322,17 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         _save_state(out, state)
         if on_progress is not None:
             on_progress(state["done"], n)
-    del features, sqnorms
+    del features, sqnorms, frames
+
+
+def _content_mask(boxes: list[tuple[int, int, int, int]], grid: tuple[int, int],
+                  image_size: tuple[int, int]) -> np.ndarray:
+    """(B, H, W) 1 on the cells that show the picture, 0 on padding."""
+    cells = fmt.content_cells(np.asarray(boxes), grid, image_size)
+    rows, cols = np.arange(grid[0]), np.arange(grid[1])
+    inside_rows = (rows >= cells[:, 0:1]) & (rows < cells[:, 2:3])
+    inside_cols = (cols >= cells[:, 1:2]) & (cols < cells[:, 3:4])
+    return (inside_rows[:, :, None] & inside_cols[:, None, :]).astype(np.float32)
 
 
 def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
@@ -312,7 +342,8 @@ def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
     keep = [i for i, (_, item) in enumerate(plan.items) if item.path not in skipped_paths]
     if not keep:
         raise BuildError("every image failed to load; nothing to cache (see the reasons listed above)")
-    for partial, final in ((PARTIAL_FEATURES, fmt.FEATURES_FILE), (PARTIAL_SQNORMS, fmt.SQNORMS_FILE)):
+    for partial, final in ((PARTIAL_FEATURES, fmt.FEATURES_FILE), (PARTIAL_SQNORMS, fmt.SQNORMS_FILE),
+                           (PARTIAL_FRAMES, fmt.FRAMES_FILE)):
         if not (out / partial).exists():
             continue  # already finalised by an earlier, interrupted run
         if len(keep) == len(plan.items):
@@ -351,6 +382,9 @@ def _manifest_for(plan: BuildPlan, state: dict[str, Any], status: str) -> fmt.Ma
         weights_sha256=plan.model.weights_sha256,
         preprocessing=plan.model.preprocessing.to_dict(),
         input_size=plan.model.preprocessing.input_size,
+        frame=plan.framing.mode,
+        framing=plan.framing.reason,
+        input_shape=plan.model.preprocessing.input_shape if plan.framing.mode == "fit" else None,
         grid=plan.grid,
         image_count=len(plan.items) - len(skipped),
         sources=[s.describe() for s in plan.sources],

@@ -5,6 +5,8 @@ A cache is a directory::
     manifest.json      format version, model, layer, preprocessing, grid, dtype, counts, timings, status
     features.npy       (N, H, W, C) uint16: the raw bits of bfloat16 features (numpy has no bfloat16)
     sqnorms.npy        (N, H, W) float32: squared L2 norm of each position of the *stored* (rounded) features
+    frames.npy         (N, 4) int32, whole-frame ("fit") caches only: the pixel box (x0, y0, x1, y1) of each image
+                       that shows the picture; the rest is padding, whose cells hold zero features
     images/            the images exactly as the model saw them (after resize/crop), ``images/000/0000042.jpg``
     metadata.duckdb    table ``images``: ``id`` = row in features.npy, ``path``, one typed column per metadata field
 
@@ -32,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 FEATURES_FILE = "features.npy"
 SQNORMS_FILE = "sqnorms.npy"
+FRAMES_FILE = "frames.npy"
 IMAGES_DIR = "images"
 METADATA_FILE = "metadata.duckdb"
 METADATA_TABLE = "images"
@@ -39,6 +42,7 @@ STATUS_COMPLETE = "complete"
 STATUS_BUILDING = "building"
 FEATURE_DTYPE = "bfloat16"  # stored as uint16 bit patterns
 IMAGE_SUFFIX = ".jpg"
+FRAME_MODES = ("crop", "fit")
 
 
 class CacheError(Exception):
@@ -108,6 +112,14 @@ class Manifest:
     batch_size: int = 0
     dtype: str = FEATURE_DTYPE
     format_version: int = FORMAT_VERSION
+    frame: str = "crop"  # "crop": the model's square centre crop; "fit": whole frames, letterboxed
+    input_shape: tuple[int, int] | None = None  # (height, width) of the model input; None = (input_size, input_size)
+    framing: str = ""  # why this frame mode was chosen, for the user
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the cached images, as the model saw them."""
+        return tuple(self.input_shape) if self.input_shape else (self.input_size, self.input_size)
 
     @property
     def label_column(self) -> str | None:
@@ -117,6 +129,8 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["grid"] = list(self.grid)
+        if self.input_shape is not None:
+            data["input_shape"] = list(self.input_shape)
         return json.dumps(data, indent=2, sort_keys=True, default=str)
 
     @classmethod
@@ -127,6 +141,8 @@ class Manifest:
             raise CacheError(f"manifest is missing {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["grid"] = tuple(int(v) for v in data["grid"])
+        if data.get("input_shape"):
+            kwargs["input_shape"] = tuple(int(v) for v in data["input_shape"])
         kwargs.setdefault("weights_source", "")
         kwargs.setdefault("weights_sha256", None)
         kwargs.setdefault("preprocessing", {})
@@ -182,6 +198,8 @@ def check_manifest(manifest: Manifest, cache_dir: Path) -> None:
         )
     if manifest.dtype != FEATURE_DTYPE:
         raise CacheError(f"{cache_dir} stores {manifest.dtype} features; only {FEATURE_DTYPE} is supported")
+    if manifest.frame not in FRAME_MODES:
+        raise CacheError(f"{cache_dir} has an unknown frame mode {manifest.frame!r}; rebuild it")
 
 
 def open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
@@ -198,6 +216,27 @@ def open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
             "the cache was modified or is incomplete, rebuild it"
         )
     return array
+
+
+def open_frames(cache_dir: Path, manifest: Manifest) -> np.ndarray | None:
+    """(N, 4) pixel boxes of the picture in each image of a whole-frame cache; None for a cropped cache."""
+    if manifest.frame == "crop":
+        return None
+    return open_array(Path(cache_dir) / FRAMES_FILE, np.int32, (manifest.image_count, 4))
+
+
+def content_cells(boxes: np.ndarray, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """(N, 4) cell boxes (r0, c0, r1, c1), r1/c1 exclusive, of the cells whose centre lies on the picture.
+
+    The rest of the grid is padding: the builder stores zero features there, and the search never matches it.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    (grid_h, grid_w), (height, width) = grid, image_size
+    # cell c's centre (c + 0.5) * width / grid_w lies in [x0, x1) exactly when c in [ceil(x0 * W/w - 0.5), ...)
+    cols = np.ceil(boxes[:, [0, 2]] * grid_w / width - 0.5)
+    rows = np.ceil(boxes[:, [1, 3]] * grid_h / height - 0.5)
+    cells = np.stack([rows[:, 0], cols[:, 0], rows[:, 1], cols[:, 1]], axis=1)
+    return np.clip(cells, 0, [grid_h, grid_w, grid_h, grid_w]).astype(np.int64)
 
 
 def open_arrays(cache_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:

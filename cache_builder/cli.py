@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,6 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--weights", help="weights file (state dict), or 'none' for random weights; default: the "
                        "model's pretrained weights from local files only")
     build.add_argument("--image-size", type=int, help="input side in pixels (default: the model's own)")
+    build.add_argument("--frame", default="auto", choices=["auto", "crop", "fit"],
+                       help="crop: the model's square centre crop; fit: whole frames at the dataset's dominant "
+                       "aspect ratio, other shapes letterboxed; auto (default): per source (camera traps fit)")
     build.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     build.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                        help="where the model runs (default: auto = cuda, then mps, then cpu)")
@@ -105,17 +109,20 @@ def run_build(args: argparse.Namespace) -> int:
         for reason, count in source.notes.items():
             fate = "kept with an unknown class" if reason in KEPT_REASONS else "left out"
             print(f"note: {source.spec}: {count} {reason} ({fate})", file=sys.stderr)
+        for remark in source.remarks:
+            print(f"note: {source.spec}: {remark}", file=sys.stderr)
     options = BuildOptions(model=args.model, layer=args.layer, weights=args.weights, image_size=args.image_size,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
-                           overwrite=args.overwrite, limit=args.limit)
+                           overwrite=args.overwrite, limit=args.limit, frame=args.frame)
     progress = None if args.quiet else _TqdmProgress()
     try:
         manifest = build_cache(sources, args.out, options, on_progress=progress)
     finally:
         if progress is not None:
             progress.close()
+    height, width = manifest.image_size
     print(f"cache complete: {args.out} ({manifest.image_count} images, grid {manifest.grid}, "
-          f"{len(manifest.skipped)} skipped)")
+          f"{len(manifest.skipped)} skipped; {manifest.frame} {width}x{height}: {manifest.framing})")
     for skipped in manifest.skipped[:20]:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
     return 0
@@ -169,11 +176,26 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"status      {manifest.status} (format v{manifest.format_version}, built {manifest.created})")
     print(f"model       {manifest.model} ({manifest.weights_source})")
     print(f"layer       {manifest.layer}: grid {h}x{w}, {c} channels, {manifest.dtype}")
+    height, width = manifest.image_size
+    print(f"frame       {manifest.frame}, {width}x{height} pixels ({manifest.framing or 'square centre crop'})")
     print(f"images      {manifest.image_count} cached, {len(manifest.skipped)} skipped")
     for source in manifest.sources:
         print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
     for column, counts in column_summaries(args.cache / fmt.METADATA_FILE).items():
         print(f"column      {column}: {counts}")
+    return 0
+
+
+def closed_pipe_exit() -> int:
+    """The reader of our output went away (`| head`): end quietly, as Unix tools do, with nothing left to say.
+
+    stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
     return 0
 
 
@@ -183,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"build": run_build, "layers": run_layers, "info": run_info}
     try:
         return handlers[args.command](args)
+    except BrokenPipeError:
+        return closed_pipe_exit()
     except (BuildError, CacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

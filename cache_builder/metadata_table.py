@@ -20,7 +20,9 @@ def metadata_frame(rows: list[tuple[Source, SourceItem]]) -> pd.DataFrame:
     """One typed column per metadata field; lists stay lists (stored as VARCHAR[])."""
     records: list[dict[str, Any]] = []
     for image_id, (source, item) in enumerate(rows):
-        record: dict[str, Any] = {"id": image_id, "path": item.path, "source": source.spec}
+        own_source = item.metadata.get("source")  # a manifest's own source column, where it has one
+        record: dict[str, Any] = {"id": image_id, "path": item.path,
+                                  "source": own_source if own_source is not None else source.spec}
         record["domain"] = source.domain if source.domain is not None else item.metadata.get("domain")
         record.update({k: v for k, v in item.metadata.items() if k not in record})
         records.append(record)

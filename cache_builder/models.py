@@ -25,7 +25,7 @@ import math
 import os
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from cache_builder.cache_format import FRAME_MODES
 from cache_builder.errors import BuildError
 from cache_builder.images import to_rgb
 
@@ -59,15 +60,25 @@ _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resam
 # Preprocessing
 
 
+FIT_STRIDE = 32  # a fitted input's long side is a multiple of this, so every layer's grid has whole cells
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes model input: resize the shorter side, centre crop a square, normalise."""
+    """How an image becomes model input, then normalised.
 
-    input_size: int  # square side S the model sees
-    resize: int  # shorter side is resized to this, then centre-cropped to input_size
+    `crop` (the model's own recipe): resize the shorter side, centre crop a square of `input_size`.
+    `fit` (whole frames): resize the whole image into `fit_shape` (height, width), keeping its aspect ratio, and
+    pad the rest with the mean colour (which normalises to 0), so nothing of the picture is cut off.
+    """
+
+    input_size: int  # square side S the model sees (crop); the short side of `fit_shape` (fit)
+    resize: int  # shorter side is resized to this, then centre-cropped to input_size (crop only)
     interpolation: str  # "bilinear" | "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    frame: str = "crop"
+    fit_shape: tuple[int, int] | None = None  # (height, width) of the model input in fit mode
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
@@ -76,6 +87,10 @@ class Preprocessing:
             raise ValueError(f"need 0 < input_size <= resize, got {self.input_size} and {self.resize}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need one value per RGB channel")
+        if self.frame not in FRAME_MODES:
+            raise ValueError(f"frame must be one of {FRAME_MODES}, not {self.frame!r}")
+        if (self.frame == "fit") != (self.fit_shape is not None):
+            raise ValueError("fit_shape is required in fit mode and only there")
 
     @classmethod
     def from_crop_pct(cls, input_size: int, crop_pct: float, interpolation: str, mean, std) -> Preprocessing:
@@ -83,10 +98,27 @@ class Preprocessing:
         resize = max(input_size, math.floor(input_size / crop_pct))
         return cls(input_size, resize, interpolation, tuple(map(float, mean)), tuple(map(float, std)))
 
+    def fitted(self, aspect: float) -> Preprocessing:
+        """The same model's preprocessing for whole frames of width/height ratio `aspect`: the short side stays
+        `input_size`, the long side is the nearest multiple of FIT_STRIDE to input_size x aspect."""
+        short = self.input_size
+        long_side = max(short, round(short * max(aspect, 1 / aspect) / FIT_STRIDE) * FIT_STRIDE)
+        shape = (short, long_side) if aspect >= 1 else (long_side, short)
+        return replace(self, frame="fit", fit_shape=shape)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        return self.fit_shape if self.fit_shape is not None else (self.input_size, self.input_size)
+
     def to_dict(self) -> dict:
-        """JSON-friendly form (for the cache manifest)."""
+        """JSON-friendly form (for the cache manifest); crop mode writes exactly what it always wrote."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.frame == "crop":
+            del d["frame"], d["fit_shape"]
+        else:
+            d["fit_shape"] = list(self.fit_shape)
         return d
 
     @classmethod
@@ -98,11 +130,31 @@ class Preprocessing:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
+            frame=str(d.get("frame", "crop")),
+            fit_shape=tuple(int(v) for v in d["fit_shape"]) if d.get("fit_shape") else None,
         )
 
+    def frame_image(self, image: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int]]:
+        """RGB image exactly as the model sees it, and the box (x0, y0, x1, y1) of its pixels that show the
+        picture (the rest is padding). Converts to RGB (grayscale/palette/alpha/16-bit handled) and applies the
+        EXIF orientation first."""
+        image = to_rgb(ImageOps.exif_transpose(image))
+        if self.frame == "crop":
+            cropped = self.crop(image)
+            return cropped, (0, 0, cropped.width, cropped.height)
+        height, width = self.fit_shape
+        scale = min(height / image.height, width / image.width)
+        size = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+        if size != image.size:
+            image = image.resize(size, _INTERPOLATIONS[self.interpolation])
+        fill = tuple(round(255 * m) for m in self.mean)
+        canvas = Image.new("RGB", (width, height), fill)
+        left, top = (width - size[0]) // 2, (height - size[1]) // 2
+        canvas.paste(image, (left, top))
+        return canvas, (left, top, left + size[0], top + size[1])
+
     def crop(self, image: Image.Image) -> Image.Image:
-        """RGB image exactly as the model sees it: convert to RGB (grayscale/palette/alpha/16-bit handled), resize
-        shorter side, centre crop to input_size x input_size. EXIF orientation is applied first."""
+        """Crop mode: resize the shorter side, centre crop to input_size x input_size."""
         image = to_rgb(ImageOps.exif_transpose(image))
         w, h = image.size
         if w <= h:
@@ -116,10 +168,10 @@ class Preprocessing:
         return image.crop((left, top, left + s, top + s))
 
     def normalize(self, rgb_uint8: np.ndarray) -> torch.Tensor:
-        """(S,S,3) uint8 -> (3,S,S) float32 normalised tensor."""
-        s = self.input_size
-        if rgb_uint8.dtype != np.uint8 or rgb_uint8.shape != (s, s, 3):
-            raise ValueError(f"expected a ({s}, {s}, 3) uint8 array, got {rgb_uint8.shape} {rgb_uint8.dtype}")
+        """(H, W, 3) uint8 -> (3, H, W) float32 normalised tensor."""
+        h, w = self.input_shape
+        if rgb_uint8.dtype != np.uint8 or rgb_uint8.shape != (h, w, 3):
+            raise ValueError(f"expected a ({h}, {w}, 3) uint8 array, got {rgb_uint8.shape} {rgb_uint8.dtype}")
         x = torch.tensor(rgb_uint8).permute(2, 0, 1).float().div_(255)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
@@ -573,10 +625,11 @@ def _is_scripted(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.jit.ScriptModule)
 
 
-def _dummy_input(module: torch.nn.Module, size: int) -> torch.Tensor:
+def _dummy_input(module: torch.nn.Module, size: int | tuple[int, int]) -> torch.Tensor:
+    height, width = (size, size) if isinstance(size, int) else size
     param = next(module.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
-    return torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+    return torch.zeros(1, 3, height, width, device=device, dtype=dtype)
 
 
 class _StopForward(Exception):
@@ -606,8 +659,18 @@ class FeatureExtractor(torch.nn.Module):
                 close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
                 hint = f"did you mean {', '.join(close)}?" if close else "list the layers to see the valid names"
                 raise BuildError(f"model {model.name} has no layer {layer!r}: {hint}")
-        with torch.inference_mode():
-            out = self(_dummy_input(model.module, model.preprocessing.input_size))
+        prep = model.preprocessing
+        try:
+            with torch.inference_mode():
+                out = self(_dummy_input(model.module, prep.input_shape))
+        except BuildError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a ViT's fixed position embedding refuses another shape
+            if prep.frame != "fit":
+                raise
+            height, width = prep.input_shape
+            raise BuildError(f"model {model.name} cannot take a {width}x{height} input for whole frames "
+                             f"({type(exc).__name__}: {str(exc)[:120]}); use --frame crop") from None
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             raise BuildError(
                 f"layer {layer!r} outputs {_shape(out) or 'a non-tensor'}, not a (C, H, W) feature map: "

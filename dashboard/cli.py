@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cache_builder.cache_format import CacheError
+from cache_builder.cli import closed_pipe_exit
 from dashboard import export
 from dashboard.feature_cache import FeatureCache
 from dashboard.geometry import QueryError, box_mask, display_mask_to_grid
@@ -70,9 +71,10 @@ def read_mask(path: Path) -> np.ndarray:
 
 def run_search(args: argparse.Namespace) -> int:
     cache = FeatureCache.open(args.cache)
-    features = None
+    features = content = None
     if args.image is not None:
-        _, features = encode_image(cache.manifest, read_upload(args.image.read_bytes(), name=str(args.image)))
+        encoded = encode_image(cache.manifest, read_upload(args.image.read_bytes(), name=str(args.image)))
+        features, content = encoded.features, encoded.content
     if args.box:
         try:
             box = [float(v) for v in args.box.split(",")]
@@ -85,7 +87,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise QueryError("--exclude-query needs --image-id (an uploaded image is not in the cache)")
     request = SearchRequest(
         cache=cache, weights=display_mask_to_grid(mask, cache.image_size, cache.grid), image_id=args.image_id,
-        features=features, k=args.k, flt=parse_filters(args.filter, cache.metadata),
+        features=features, content=content, k=args.k, flt=parse_filters(args.filter, cache.metadata),
         per_group=args.per, exclude_query=args.exclude_query,
     )
     hits = search_regions(request).hits
@@ -97,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return run_search(args)
+    except BrokenPipeError:
+        return closed_pipe_exit()
     except (CacheError, QueryError, FilterError, UploadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ class FeatureCache:
     features_bits: np.ndarray  # (N, H, W, C) uint16 memmap: bfloat16 bit patterns
     sqnorms: np.ndarray  # (N, H, W) float32 memmap
     metadata: MetadataStore
+    frames: np.ndarray | None = None  # (N, 4) pixel boxes of the picture (whole-frame caches), None when cropped
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureCache":
@@ -33,6 +34,7 @@ class FeatureCache:
         fmt.check_manifest(manifest, path)
         n = manifest.image_count
         features, sqnorms = fmt.open_arrays(path, manifest)
+        frames = fmt.open_frames(path, manifest)
         metadata = MetadataStore(path / fmt.METADATA_FILE)
         if not metadata.id_range_ok(n):
             metadata.close()
@@ -40,7 +42,8 @@ class FeatureCache:
                 f"{path}: metadata.duckdb does not hold exactly one row per cached image (ids 0..{n - 1}); "
                 "rebuild the cache"
             )
-        return cls(path=path, manifest=manifest, features_bits=features, sqnorms=sqnorms, metadata=metadata)
+        return cls(path=path, manifest=manifest, features_bits=features, sqnorms=sqnorms, metadata=metadata,
+                   frames=frames)
 
     @property
     def size(self) -> int:
@@ -68,7 +71,15 @@ class FeatureCache:
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the cached images: the display a region is drawn on."""
-        return self.input_size, self.input_size
+        return self.manifest.image_size
+
+    def content_cells(self, ids: np.ndarray | None = None) -> np.ndarray | None:
+        """(len(ids), 4) cell boxes (r0, c0, r1, c1) showing each image's picture, the rest being padding; None
+        when no image has padding (a cropped cache)."""
+        if self.frames is None:
+            return None
+        boxes = self.frames if ids is None else self.frames[np.asarray(ids, dtype=np.int64)]
+        return fmt.content_cells(boxes, self.grid, self.image_size)
 
     def features(self) -> torch.Tensor:
         """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy); never write through it."""

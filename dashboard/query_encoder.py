@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cache_builder.cache_format import CacheError, Manifest
+from cache_builder.cache_format import CacheError, Manifest, content_cells
 from cache_builder.errors import BuildError
 from cache_builder.models import FeatureExtractor, Preprocessing, load_model
 
@@ -28,16 +29,27 @@ def _extractor(model: str, layer: str, weights: str | None, image_size: int, sha
     return FeatureExtractor(loaded, layer).eval(), threading.Lock()
 
 
-def encode_image(manifest: Manifest, image: Image.Image) -> tuple[Image.Image, np.ndarray]:
-    """The image as the model sees it (for display and drawing) and its (H, W, C) float32 features."""
+@dataclass(frozen=True)
+class EncodedImage:
+    image: Image.Image  # as the model saw it: what the region is drawn on
+    features: np.ndarray  # (H, W, C) float32, zero on padding cells as in the cache
+    content: tuple[int, int, int, int]  # (r0, c0, r1, c1): the cells that show the picture, not padding
+
+
+def encode_image(manifest: Manifest, image: Image.Image) -> EncodedImage:
+    """An image framed, encoded and padded exactly as the cache's own images were."""
     preprocessing = Preprocessing.from_dict(manifest.preprocessing)
     extractor, lock = _extractor(manifest.model, manifest.layer, manifest.weights_arg, manifest.input_size,
                                  manifest.weights_sha256)
-    crop = preprocessing.crop(image)
-    tensor = preprocessing.normalize(np.asarray(crop, dtype=np.uint8))[None]
+    framed, box = preprocessing.frame_image(image)
+    tensor = preprocessing.normalize(np.asarray(framed, dtype=np.uint8))[None]
     with lock, torch.inference_mode():
         output = extractor(tensor)
-    features = output[0].permute(1, 2, 0).float().numpy()
+    features = np.ascontiguousarray(output[0].permute(1, 2, 0).float().numpy())
     if features.shape != tuple(manifest.grid):
         raise CacheError(f"the model gives a {features.shape} grid but the cache holds {tuple(manifest.grid)}")
-    return crop, np.ascontiguousarray(features)
+    r0, c0, r1, c1 = (int(v) for v in content_cells(np.array([box]), features.shape[:2], manifest.image_size)[0])
+    outside = np.ones(features.shape[:2], dtype=bool)
+    outside[r0:r1, c0:c1] = False
+    features[outside] = 0
+    return EncodedImage(framed, features, (r0, c0, r1, c1))

@@ -37,6 +37,7 @@ class SearchRequest:
     weights: np.ndarray  # (H, W) soft weights in [0, 1]
     image_id: int | None = None
     features: np.ndarray | None = None  # (H, W, C) float32, when the query image is not in the cache
+    content: tuple[int, int, int, int] | None = None  # with `features`: the cells showing the picture
     k: int = 20
     flt: MetadataFilter = field(default_factory=MetadataFilter)
     per_group: str | None = None
@@ -61,14 +62,32 @@ class SearchRequest:
     def query_features(self) -> np.ndarray:
         return self.cache.image_features(self.image_id) if self.features is None else self.features
 
+    def query_content(self) -> tuple[int, int, int, int] | None:
+        """(r0, c0, r1, c1) cells of the query image that show the picture (None: all of them)."""
+        if self.features is not None:
+            return self.content
+        cells = self.cache.content_cells([self.image_id])
+        return None if cells is None else tuple(int(v) for v in cells[0])
+
     def region_query(self) -> RegionQuery:
-        return RegionQuery.from_grid_mask(self.query_features(), self.weights)
+        """The region on the query's picture: cells of padding (letterbox bars) are no part of it."""
+        weights = np.asarray(self.weights, dtype=np.float32)
+        content = self.query_content()
+        if content is not None and np.any(weights > 0):
+            r0, c0, r1, c1 = content
+            kept = np.zeros_like(weights)
+            kept[r0:r1, c0:c1] = weights[r0:r1, c0:c1]
+            if not np.any(kept > 0):
+                raise QueryError("the region lies on the padding around the picture (the bars that fill the frame "
+                                 "to the cache's shape): draw on the picture itself")
+            weights = kept
+        return RegionQuery.from_grid_mask(self.query_features(), weights)
 
     def fingerprint(self) -> str:
         """Equal for requests that must give equal answers: the memo key of the pages."""
         digest = hashlib.sha256()
         manifest = self.cache.manifest
-        for part in (str(self.cache.path), manifest.created, manifest.fingerprint, self.image_id, self.k,
+        for part in (str(self.cache.path), manifest.created, manifest.fingerprint, self.image_id, self.content, self.k,
                      repr(self.flt), self.per_group, self.exclude_query, self.mode, self.backend):
             digest.update(repr(part).encode() + b"\0")
         for array in (self.weights, self.features):
@@ -108,7 +127,9 @@ def search_regions(request: SearchRequest) -> SearchResult:
         base = np.arange(cache.size) if candidates is None else candidates
         candidates = base[base != int(request.image_id)]
     scorer = scoring.get_scorer(request.backend)
-    found = scoring.score_windows(cache.features(), cache.sqnorms, query, candidates, backend=scorer.name)
+    content = cache.content_cells(candidates)
+    found = scoring.score_windows(cache.features(), cache.sqnorms, query, candidates, backend=scorer.name,
+                                  content=content)
     searched = store.rows(None if candidates is None else found.ids)  # the one metadata read of a search
     groups = None
     if request.per_group is not None:

@@ -45,7 +45,7 @@ with st.sidebar:
 
 # ---- query image
 source = st.radio("Query image", QUERY_SOURCES, horizontal=True, key=SearchSession.QUERY_SOURCE)
-query_id = features = row = None
+query_id = features = content = row = None
 if source == FROM_DATASET:
     session.query_id(cache.size)
     left, right = st.columns([3, 1])
@@ -64,10 +64,11 @@ else:
         st.stop()
     data = upload.getvalue()
     try:
-        query_image, features = resources.encode_upload(str(entry.path), data, upload.name, MAX_UPLOAD_BYTES)
+        encoded = resources.encode_upload(str(entry.path), data, upload.name, MAX_UPLOAD_BYTES)
     except (UploadError, CacheError) as exc:
         st.error(str(exc))
         st.stop()
+    query_image, features, content = encoded.image, encoded.features, encoded.content
     canvas_key = f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
 
 # ---- region
@@ -76,7 +77,8 @@ mode = tools[0].radio("Tool", ["freedraw", "rect"], horizontal=True, key="tool",
                       format_func=lambda m: {"freedraw": "Brush", "rect": "Rectangle"}[m])
 width = tools[1].slider("Brush width", 5, 80, 30, key="brush")
 show_grid = tools[2].checkbox("Show feature grid", value=False, key="show-grid")
-canvas_column, hint_column = st.columns([3, 2])
+wide = query_image.width >= 1.2 * query_image.height  # a whole wide frame gets the page's width
+canvas_column, hint_column = (st.container(), st.container()) if wide else st.columns([3, 2])
 with canvas_column:
     drawn = widgets.region_ui(query_image, cache.grid, key=f"canvas-{entry.name}-{canvas_key}",
                               show_grid=show_grid, mode=mode, stroke_width=width)
@@ -96,8 +98,9 @@ if region is None:
 
 # ---- search (memoised by Streamlit: a rerun that changes nothing that matters does not search again)
 try:
-    request = SearchRequest(cache=cache, weights=weights, image_id=query_id, features=features, k=int(k), flt=flt,
-                            per_group=per_group, exclude_query=exclude_query and query_id is not None)
+    request = SearchRequest(cache=cache, weights=weights, image_id=query_id, features=features, content=content,
+                            k=int(k), flt=flt, per_group=per_group,
+                            exclude_query=exclude_query and query_id is not None)
     result = resources.run_search(request)
 except QueryError as exc:
     st.warning(str(exc))
@@ -123,7 +126,9 @@ for start in range(0, len(hits), HITS_PER_ROW):
         picture = rendering.draw_window(picture, (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
         column.image(picture, width="stretch")
         column.markdown(f"**#{hit['rank']}** · {hit['score']:.3f} · id {hit_id}")
-        column.caption(" · ".join(format_value(hit[c]) for c in caption_columns))
+        known = [format_value(hit[c]) for c in caption_columns if format_value(hit[c]) != "–"]
+        if known:
+            column.caption(" · ".join(known))
         column.button("Search from here", key=f"requery-{hit_id}", on_click=session.search_from_hit,
                       args=(hit_id, hit["row"], hit["col"], hit["height"], hit["width"], cache.grid))
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from streamlit_server import ROOT, chromium, require_browser, running_app
+from wide_frames import EDGE_FRAMES, write_frames
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -66,3 +67,51 @@ def test_draw_a_stroke_search_and_download(app_url, tmp_path):
                                         "x0", "y0", "x1", "y1"]
     assert {"species", "location", "domain"} <= set(table.columns)
     assert table["score"].between(-1, 1).all() and table["score"].is_monotonic_decreasing
+
+
+@pytest.fixture(scope="module")
+def wide_caches(tmp_path_factory) -> Path:
+    """A whole-frame cache of 16:9 frames whose object sits at the far left edge."""
+    root = tmp_path_factory.mktemp("wide-caches")
+    frames = write_frames(tmp_path_factory.mktemp("wide-frames"))
+    subprocess.run([sys.executable, "-m", "cache_builder", "build", "--source", f"folder:{frames}", "--frame", "fit",
+                    "--out", str(root / "wide"), "--quiet"], cwd=ROOT, check=True, capture_output=True)
+    return root
+
+
+def test_a_wide_frame_is_shown_whole_and_a_region_at_its_edge_finds_its_kind(wide_caches, tmp_path):
+    """The query frame 00.png (object at the far left edge) is drawn on whole, at 16:9; a stroke over the object
+    finds the other frames that have it there. The screenshot is test-artifacts/wide-frame.png."""
+    from playwright.sync_api import expect
+
+    require_browser()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_app(wide_caches, tmp_path / "streamlit.log") as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+        page.goto(url + "/?k=5")
+        canvas = page.locator("canvas.upper-canvas").first
+        expect(canvas).to_be_visible(timeout=60_000)
+        box = canvas.bounding_box()
+        assert box["width"] / box["height"] == pytest.approx(384 / 224, rel=0.02)  # the whole frame, not a square
+        clipped = canvas.evaluate("""c => { const r = c.getBoundingClientRect(); let e = c.parentElement;
+            while (e) { const p = e.getBoundingClientRect(); const s = getComputedStyle(e);
+                if (s.overflow !== 'visible' && (r.right > p.right + 1 || r.bottom > p.bottom + 1)) return true;
+                e = e.parentElement; } return false; }""")
+        assert not clipped, "the canvas is wider than the column that holds it"
+        x, y = box["x"] + box["width"] * 0.04, box["y"] + box["height"] * 0.38  # on the object, at the edge
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for step in range(1, 8):
+            page.mouse.move(x + step * 2, y + step * box["height"] * 0.03)
+        page.mouse.up()
+        expect(page.get_by_text("Top 5")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("button", name="Search from here")).to_have_count(5, timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "wide-frame.png"), full_page=True)
+        page.get_by_role("button", name="Search from here").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "wide-frame-hits.png"))
+        with page.expect_download(timeout=30_000) as download_info:
+            page.get_by_role("button", name="Download CSV").click()
+        table = pd.read_csv(io.BytesIO(Path(download_info.value.path()).read_bytes()))
+    assert len(table) == 5 and (table["col"] <= 1).all()
+    found = {int(Path(p).stem) for p in table["path"]}
+    assert len(found & set(EDGE_FRAMES)) >= 4, table[["path", "score", "col"]]

@@ -22,7 +22,7 @@ from cache_builder import cache_format as fmt
 from dashboard.feature_cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(model="efficientnet_lite0", image_size=96, batch_size=4, workers=0)
+SMALL = dict(model="efficientnet_lite0", image_size=96, batch_size=4, workers=0, frame="crop")
 
 
 def make_dataset(root: Path) -> Path:
@@ -224,12 +224,13 @@ def test_new_image_is_encoded_like_the_cached_ones(built, dataset):
     cache = FeatureCache.open(out)
     image_id = int(cache.metadata.filter_ids(None)[0])
     original = dataset / cache.metadata.rows([image_id], ["path"])["path"][0]
-    crop, features = encode_image(manifest, Image.open(original))
-    assert crop.size == (96, 96) and features.shape == (3, 3, 320)
-    np.testing.assert_allclose(features, cache.image_features(image_id), rtol=2**-7, atol=1e-2)
+    encoded = encode_image(manifest, Image.open(original))
+    assert encoded.image.size == (96, 96) and encoded.features.shape == (3, 3, 320)
+    assert encoded.content == (0, 0, 3, 3)  # a crop has no padding
+    np.testing.assert_allclose(encoded.features, cache.image_features(image_id), rtol=2**-7, atol=1e-2)
     # any size of upload works: it is preprocessed like the cache's images
-    _, other = encode_image(manifest, Image.new("RGB", (640, 200), (30, 90, 200)))
-    assert other.shape == (3, 3, 320)
+    other = encode_image(manifest, Image.new("RGB", (640, 200), (30, 90, 200)))
+    assert other.features.shape == (3, 3, 320)
 
 
 def test_damaged_build_state_is_a_clear_error_and_overwrite_recovers(tmp_path):
@@ -244,3 +245,27 @@ def test_damaged_build_state_is_a_clear_error_and_overwrite_recovers(tmp_path):
     with pytest.raises(BuildError, match="damaged.*--overwrite"):
         build_cache(sources, tmp_path, BuildOptions(**SMALL))
     assert build_cache(sources, tmp_path, BuildOptions(**SMALL, overwrite=True)).image_count == 8
+
+
+def test_a_manifests_own_domain_fills_the_cache_and_the_charts_split_by_it(tmp_path):
+    """No @ tag: a manifest's `domain` column (any values, a hospital's name too) is the cache's domain."""
+    from dashboard import analysis
+    from dashboard.search import SearchRequest, search_regions
+
+    rng = np.random.default_rng(5)
+    rows = ["path,domain,source"]
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, size=(60, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{['in', 'out', 'Hospital de San Juan'][i % 3]},{'nih' if i < 4 else 'padchest'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cache"
+    build_cache([parse_source(f"csv:{tmp_path / 'm.csv'}")], out, BuildOptions(**SMALL))
+    cache = FeatureCache.open(out)
+    table = cache.metadata.rows(None)
+    assert list(table["domain"]) == ["in", "out", "Hospital de San Juan"] * 2 + ["in", "out"]
+    assert list(table["source"]) == ["nih"] * 4 + ["padchest"] * 4
+    assert "domain_original" not in table.columns and "source_original" not in table.columns
+    result = search_regions(SearchRequest(cache=cache, image_id=0, weights=np.ones(cache.grid), k=4))
+    shares = analysis.composition(result.hits, result.searched, "domain")
+    assert set(shares["value"]) == {"in", "out", "Hospital de San Juan"}
+    assert shares["searched"].sum() == 8

@@ -119,3 +119,25 @@ def test_search_cli_query_file_that_is_not_an_image_is_one_line(small_cache, que
     result = run("dashboard", "search", str(small_cache.path), "--image", query, "--box", "0,0,10,10")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_build_says_when_a_tag_overrides_a_manifests_domain(tmp_path):
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("path,domain\na.png,in\n")
+    result = run("cache_builder", "build", "--source", f"csv:{tmp_path / 'm.csv'}@out", "--out",
+                 str(tmp_path / "cache"), "--image-size", "64", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "note: csv:" in result.stderr and "@out overrides the manifest's own domain column" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["cache_builder", "info", "{cache}"],
+                                     ["cache_builder", "layers", "--model", "efficientnet_lite0"],
+                                     ["dashboard", "search", "{cache}", "--image-id", "1", "--box", "0,0,48,48",
+                                      "-k", "40"]])
+def test_read_only_commands_end_quietly_when_the_reader_goes_away(small_cache, command):
+    """`... | head -0`: the reader closes the pipe before the first line; no error, no resume advice."""
+    args = [sys.executable, "-m", *(a.replace("{cache}", str(small_cache.path)) for a in command)]
+    writer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer.stdout.close()  # every write the command makes now fails with EPIPE
+    _, stderr = writer.communicate(timeout=300)
+    assert writer.returncode == 0 and stderr.decode().strip() == "", stderr.decode()

@@ -54,7 +54,12 @@ def table(cache: Path) -> tuple[dict[str, str], dict[str, dict]]:
 
 
 def cached_pixels(cache: Path, image_id: int) -> np.ndarray:
-    return np.asarray(Image.open(cache / fmt.image_relpath(image_id)).convert("RGB"), dtype=int)
+    """The picture of a cached image: whole-frame caches letterbox images of other shapes, padding left out."""
+    pixels = np.asarray(Image.open(cache / fmt.image_relpath(image_id)).convert("RGB"), dtype=int)
+    if (cache / fmt.FRAMES_FILE).is_file():
+        x0, y0, x1, y1 = np.load(cache / fmt.FRAMES_FILE)[image_id]
+        pixels = pixels[y0 + 8:y1 - 8, x0 + 8:x1 - 8]  # JPEG blocks at the edge blend in the padding
+    return pixels
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -205,7 +210,8 @@ def test_chestxray14_messy_rows_are_counted(messy_chestxray):
 
 
 def test_chestxray14_messy_build_columns_and_grayscale_pixels(messy_cache):
-    out, _ = messy_cache
+    out, manifest = messy_cache
+    assert manifest.frame == "fit"  # with iwildcam's wide frames in the cache, the square X-rays are letterboxed
     types, rows = table(out)
     assert types["diagnoses"] == "VARCHAR[]" and types["bbox_labels"] == "VARCHAR[]" and types["age"] == "BIGINT"
     first = rows["images_001/images/00000001_000.png"]

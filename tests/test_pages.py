@@ -16,6 +16,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from dashboard.settings import CACHES_DIR_ENV
+from dashboard.query_encoder import EncodedImage
 from dashboard.share import encode_region
 from dashboard.ui import resources
 from dashboard.ui.widgets import REGION_OVERRIDE_KEY
@@ -112,7 +113,8 @@ def test_an_upload_that_is_not_an_image_gets_a_message(caches):
 def test_an_uploaded_image_is_searched(caches, monkeypatch):
     # the tiny synthetic cache has no model; give the upload path a stand-in encoder of the right shape
     features = np.random.default_rng(3).random((5, 6, 16)).astype(np.float32)
-    monkeypatch.setattr(resources, "encode_upload", lambda *a: (Image.new("RGB", (48, 48)), features))
+    encoded = EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, 5, 6))
+    monkeypatch.setattr(resources, "encode_upload", lambda *a: encoded)
     buffer = io.BytesIO()
     Image.new("RGB", (64, 40), "green").save(buffer, format="PNG")
     at = page("pages/search.py")

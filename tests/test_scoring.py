@@ -142,3 +142,38 @@ def test_maps_of_several_images_come_from_one_prepared_query(small_cache, monkey
     maps = window_score_maps(small_cache.features(), small_cache.sqnorms, query, [3, 5, 9])
     assert len(prepared) == 1 and maps.shape == (3, 4, 5)
     assert maps[1].max() == pytest.approx(1.0, abs=SCORE_TOL)  # image 5 is the query
+
+
+@pytest.mark.parametrize("backend", list(SCORERS))
+def test_a_window_mostly_on_padding_cannot_be_the_best(backend):
+    """Image 1 is letterboxed (picture in columns 2..4): the window at column 0 matches the query's strong cell
+    with its only picture cell, but two thirds of the region's weight would lie on padding."""
+    rng = np.random.default_rng(11)
+    query_map = np.zeros((3, 5, 8), dtype=np.float32)
+    query_map[1, 0:2] = 0.01  # faint cells
+    query_map[1, 2] = rng.random(8) + 1  # the strong one
+    features = np.abs(rng.normal(size=(2, 3, 5, 8))).astype(np.float32)
+    features[1, :, :2] = 0  # padding holds zeros, as the builder stores it
+    features[1, 1, 2] = query_map[1, 2]
+    tensor, sqnorms, _ = stored(features)
+    weights = np.zeros((3, 5), dtype=np.float32)
+    weights[1, 0:3] = 1
+    query = RegionQuery.from_grid_mask(query_map, weights)
+    content = np.array([[0, 0, 3, 5], [0, 2, 3, 5]])
+    raw = score_windows(tensor, sqnorms, query, backend=backend)
+    assert divmod(int(raw.position[1]), raw.windows_per_row) == (1, 0) and raw.scores[1] > 0.99  # without the rule
+    kept = score_windows(tensor, sqnorms, query, backend=backend, content=content)
+    row, col = divmod(int(kept.position[1]), kept.windows_per_row)
+    assert (row, col) != (1, 0) and scoring.picture_share(query, content[1:])[0, row, col] >= 0.5
+    maps = window_score_maps(tensor, sqnorms, query, [1], backend=backend)[0]
+    assert kept.scores[1] == maps[row, col]
+    assert kept.scores[0] == raw.scores[0] and kept.position[0] == raw.position[0]  # no padding, no change
+
+
+def test_picture_share_counts_the_regions_weight_on_the_picture():
+    weights = np.array([[1.0, 0.5], [0.0, 1.0]], dtype=np.float32)
+    query = RegionQuery.from_grid_mask(np.ones((3, 4, 2), dtype=np.float32), np.pad(weights, ((0, 1), (0, 2))))
+    share = scoring.picture_share(query, np.array([[0, 1, 3, 4]]))  # column 0 is padding
+    total = 1 + 0.25 + 1
+    assert share.shape == (1, 2, 3)
+    assert share[0, 0, 0] == pytest.approx((0.25 + 1) / total) and share[0, 0, 1] == pytest.approx(1)

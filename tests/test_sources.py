@@ -175,3 +175,26 @@ def test_registry_holds_one_module_per_format_without_private_cross_imports():
                 assert not [n for n in names if n.startswith("_")], f"{path.name} imports private names of {module}"
                 if path.stem in formats:  # formats depend on base alone: no cycle, no format-to-format import
                     assert module == "cache_builder.sources.base", f"{path.name} imports {module}"
+
+
+def manifest_with_own_columns(folder: Path) -> Path:
+    for name in ("a.png", "b.png", "c.png"):
+        save_image(folder / name)
+    (folder / "m.csv").write_text("path,domain,source,hospital\na.png,in,nih,NIH\nb.png,out,padchest,San Juan\n"
+                                  "c.png,,nih,NIH\n")
+    return folder / "m.csv"
+
+
+def test_a_manifests_domain_and_source_columns_are_its_own(tmp_path):
+    source = parse_source(f"csv:{manifest_with_own_columns(tmp_path)}")
+    assert [i.metadata["domain"] for i in source.items] == ["in", "out", None]
+    assert [i.metadata["source"] for i in source.items] == ["nih", "padchest", "nih"]
+    assert not any(k.endswith("_original") for i in source.items for k in i.metadata)
+    assert source.remarks == []
+
+
+def test_a_domain_tag_overrides_the_manifests_domain_and_says_so(tmp_path):
+    source = parse_source(f"csv:{manifest_with_own_columns(tmp_path)}@out")
+    assert source.domain == "out"
+    assert source.remarks == ["@out overrides the manifest's own domain column for all 3 rows"]
+    assert source.describe()["remarks"] == source.remarks

@@ -27,7 +27,6 @@ import pandas as pd
 from cache_builder.errors import BuildError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-RESERVED_COLUMNS = ("id", "path", "source", "domain")
 _DOMAIN_TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
 _EXIF_DATE = re.compile(r"^(\d{4}):(\d{2}):(\d{2})")
 
@@ -59,6 +58,8 @@ class Source:
     demo_seed: int | None = None
     notes: Counter = field(default_factory=Counter)  # rows dropped while listing, by reason
     label_column: str | None = None  # the metadata column holding an image's class, where the format has one
+    remarks: list[str] = field(default_factory=list)  # decisions the user should hear about (printed as notes)
+    frame: str = "auto"  # how this format's images are best framed: "crop", "fit", or "auto" (by their shapes)
 
     def describe(self) -> dict[str, Any]:
         described = {"spec": self.spec, "kind": self.kind, "domain": self.domain, "images": len(self.items)}
@@ -66,6 +67,8 @@ class Source:
             described["label_column"] = self.label_column
         if self.notes:
             described["dropped"] = dict(self.notes)
+        if self.remarks:
+            described["remarks"] = list(self.remarks)
         return described
 
 

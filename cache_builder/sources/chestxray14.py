@@ -22,6 +22,7 @@ from cache_builder.sources.base import (Source, SourceItem, SourceOptions, as_in
 def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
     root = existing_dir(arg, "chestxray14")
     source.label_column = "diagnoses"
+    source.frame = "crop"  # NIH's frames are square: a crop loses nothing
     tables = sorted(root.glob("Data_Entry_2017*.csv"))
     if not tables:
         raise BuildError(f"chestxray14: no Data_Entry_2017*.csv in {root}")

@@ -20,6 +20,7 @@ from cache_builder.sources.base import (UNKNOWN_CATEGORY, Source, SourceItem, So
 
 def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
     source.label_column = "species"
+    source.frame = "fit"  # camera-trap frames are wide: an animal at the edge must stay searchable
     json_part, _, image_root_part = arg.partition(":")
     index = Path(json_part).expanduser()
     if not index.is_file():

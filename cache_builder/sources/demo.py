@@ -88,6 +88,7 @@ def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceI
     n = options.demo_size or DEFAULT_DEMO_SIZE
     source.demo_seed = options.demo_seed
     source.label_column = "species"
+    source.frame = "crop"  # the demo's frames are square
     return [
         SourceItem(
             path=f"demo/{f.metadata['location']}/{f.index:05d}.png",

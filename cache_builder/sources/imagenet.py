@@ -20,6 +20,7 @@ IMAGENET_LABEL_OVERRIDES = {"n02012849": "crane (bird)", "n03126707": "crane (ma
 def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
     root = existing_dir(arg, "imagenet")
     source.label_column = "label"
+    source.frame = "crop"  # the models' own evaluation recipe
     labels = imagenet_labels()
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -19,6 +19,7 @@ IWILDCAM_OUT_SPLITS = frozenset({"val", "test"})
 def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
     root = existing_dir(arg, "iwildcam")
     source.label_column = "species"
+    source.frame = "fit"  # camera-trap frames are wide: an animal at the edge must stay searchable
     metadata = read_index_csv(root / "metadata.csv", "iwildcam")
     categories = read_index_csv(root / "categories.csv", "iwildcam")
     require_columns(metadata, ("split", "location_remapped", "y", "filename"), "iwildcam metadata.csv")

@@ -1,8 +1,10 @@
 """`csv:MANIFEST`: a CSV or Parquet manifest with a `path` column; every other column becomes metadata.
 
-Paths are relative to the manifest's folder and may not leave it (`--allow-outside` lifts that). Columns named
-like the table's own (`id`, `source`, `domain`) are kept as `<name>_original`; `--multilabel COL` splits COL on
-`--sep` into a list. pandas infers the column types; text columns that all parse as ISO dates become dates.
+Paths are relative to the manifest's folder and may not leave it (`--allow-outside` lifts that). A `domain`
+column fills the cache's `domain` (in/out, or any value such as a hospital's name; an `@DOMAIN` tag overrides
+it, with a note) and a `source` column fills the cache's `source`. A user's `id` column is kept as
+`id_original`, since `id` is the row of the feature arrays. `--multilabel COL` splits COL on `--sep` into a
+list. pandas infers the column types; text columns that all parse as ISO dates become dates.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Any
 import pandas as pd
 
 from cache_builder.errors import BuildError
-from cache_builder.sources.base import RESERVED_COLUMNS, Source, SourceItem, SourceOptions, read_table, resolve_inside
+from cache_builder.sources.base import Source, SourceItem, SourceOptions, read_table, resolve_inside
+
+
+OWN_COLUMNS = ("domain", "source")  # the manifest's values become the cache's columns of these names
 
 
 def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
@@ -27,9 +32,14 @@ def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceI
         raise BuildError(
             f"csv source: {manifest.name} has no 'path' column (columns: {', '.join(map(str, frame.columns))})"
         )
-    clashes = [c for c in RESERVED_COLUMNS if c in frame.columns and c != "path"]
-    if clashes:
-        frame = frame.rename(columns={c: f"{c}_original" for c in clashes})
+    if "id" in frame.columns:
+        frame = frame.rename(columns={"id": "id_original"})
+    for column in OWN_COLUMNS:  # text like every other source's, whatever pandas inferred
+        if column in frame.columns:
+            frame[column] = frame[column].map(lambda v: None if _clean(v) is None else str(v))
+    if "domain" in frame.columns and source.domain is not None:
+        source.remarks.append(f"@{source.domain} overrides the manifest's own domain column for all "
+                              f"{len(frame)} rows")
     for column in options.multilabel:
         if column not in frame.columns:
             raise BuildError(f"--multilabel {column}: {manifest.name} has no such column")

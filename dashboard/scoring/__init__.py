@@ -86,12 +86,15 @@ def prepare(query: RegionQuery, features: torch.Tensor, backend: str | None = No
 
 
 def score_windows(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, ids: np.ndarray | None = None,
-                  backend: str | None = None) -> WindowScores:
+                  backend: str | None = None, content: np.ndarray | None = None) -> WindowScores:
     """Best window of the images `ids` (all when None) for `query`.
 
     Only the requested rows are read, so a 10% candidate set costs ~10%. Extra memory: about 30 bytes per
     searched image for ids and results (the torch path adds bounded chunks); never a copy of the cache, so a
     memory-mapped cache larger than RAM is searched as it is paged in.
+
+    `content` (one (r0, c0, r1, c1) cell box per searched image, whole-frame caches) keeps the windows of
+    letterboxed images on their picture: a window whose region weight lies mostly on padding cannot be the best.
     """
     prepared = prepare(query, features, backend)
     if ids is not None:
@@ -99,7 +102,50 @@ def score_windows(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuer
         check_ids(ids, features.shape[0])
     scores, positions = prepared.best_windows(features, sqnorms, ids)
     all_ids = np.arange(features.shape[0], dtype=np.int64) if ids is None else ids
+    if content is not None:
+        _best_on_the_picture(prepared, features, sqnorms, query, all_ids, np.asarray(content), scores, positions)
     return WindowScores(all_ids, scores, positions, prepared.out_w)
+
+
+MIN_PICTURE_SHARE = 0.5  # a window must hold at least this share of the region's weight on the picture
+
+
+def picture_share(query: RegionQuery, content: np.ndarray) -> np.ndarray:
+    """(n, out_h, out_w): the share of the region's squared weight that each window puts on the picture cells
+    (r0, c0, r1, c1) of each of n images, from a 2-D prefix sum of the weights."""
+    weights_sq = query.weights.astype(np.float64) ** 2
+    h, w = weights_sq.shape
+    prefix = np.zeros((h + 1, w + 1))
+    prefix[1:, 1:] = weights_sq.cumsum(0).cumsum(1)
+    out_h, out_w = query.windows(query.grid)
+    y, x = np.arange(out_h), np.arange(out_w)
+    r0, c0, r1, c1 = (content[:, k:k + 1] for k in range(4))
+    i0, i1 = np.clip(r0 - y, 0, h)[:, :, None], np.clip(r1 - y, 0, h)[:, :, None]
+    j0, j1 = np.clip(c0 - x, 0, w)[:, None, :], np.clip(c1 - x, 0, w)[:, None, :]
+    inside = prefix[i1, j1] - prefix[i0, j1] - prefix[i1, j0] + prefix[i0, j0]
+    return inside / prefix[h, w]
+
+
+def _best_on_the_picture(prepared: PreparedQuery, features, sqnorms, query: RegionQuery, ids: np.ndarray,
+                         content: np.ndarray, scores: np.ndarray, positions: np.ndarray) -> None:
+    """Re-pick, in place, the best window of the letterboxed images among windows mostly on their picture.
+
+    Only images with padding are scored again (every window), so a cache of one aspect ratio costs nothing.
+    Where no window reaches MIN_PICTURE_SHARE (a region larger than the picture), those with the largest share
+    compete.
+    """
+    grid_h, grid_w = query.grid
+    padded = np.nonzero(~((content[:, 0] == 0) & (content[:, 1] == 0) & (content[:, 2] == grid_h)
+                          & (content[:, 3] == grid_w)))[0]
+    if len(padded) == 0:
+        return
+    maps = prepared.window_maps(features, sqnorms, ids[padded]).reshape(len(padded), -1)
+    share = picture_share(query, content[padded]).reshape(len(padded), -1)
+    allowed = (share >= MIN_PICTURE_SHARE) | (share >= share.max(axis=1, keepdims=True) - 1e-12)
+    masked = np.where(allowed, maps, -np.inf)
+    best = masked.argmax(axis=1)  # the first maximum, as every backend picks
+    scores[padded] = masked[np.arange(len(padded)), best]
+    positions[padded] = best
 
 
 def window_score_maps(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuery, ids,

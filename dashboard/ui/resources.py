@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
-from PIL import Image
 
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.cache_format import MANIFEST_FILE
@@ -20,7 +19,7 @@ from cache_builder.errors import BuildError
 from cache_builder.sources import parse_source
 from dashboard import catalog, search, settings
 from dashboard.feature_cache import FeatureCache
-from dashboard.query_encoder import encode_image
+from dashboard.query_encoder import EncodedImage, encode_image
 from dashboard.search import SearchRequest, SearchResult
 from dashboard.ui.access import hosted, secret
 from dashboard.uploads import read_upload
@@ -56,7 +55,7 @@ def hit_heat_maps(request: SearchRequest, ids: tuple[int, ...]) -> np.ndarray:
 
 
 @st.cache_data(max_entries=16, show_spinner="Encoding the upload with the cache's model...")
-def encode_upload(cache_path: str, data: bytes, name: str, max_bytes: int) -> tuple[Image.Image, np.ndarray]:
+def encode_upload(cache_path: str, data: bytes, name: str, max_bytes: int) -> EncodedImage:
     """Uploads stay in memory; the same bytes are encoded once per process."""
     image = read_upload(data, name=name, max_bytes=max_bytes)
     return encode_image(load_cache(Path(cache_path)).manifest, image)
