@@ -12,13 +12,19 @@ What is compared, per configuration (N images x feature grid x centred binary ma
   float32, fed the bfloat16-rounded features decoded from the same cache so both see the same numbers. It is
   timed on 10,000 images and scaled linearly to larger N (marked "scaled from 10k").
 
-It prints per-query median/p95 times, the speed-up, achieved GFLOP/s and GB/s, top-10 agreement with the
-reference, a 10% filtered search vs the full one, and PASS/FAIL for the targets.
+* stream -- this machine's streaming-read limit, measured in the same run: a plain multi-threaded read of the
+  same feature bytes (``SearchKernel.read_bytes``, as many threads as the engine uses). Every engine time is
+  also printed as a multiple of it: a search reads every byte once, so 1x is the floor.
+
+It prints per-query median/p95 times, the speed-up, achieved GFLOP/s and GB/s, the multiple of the streaming
+read, top-10 agreement with the reference, a 10% filtered search vs the full one, and PASS/FAIL for the targets.
+``--backend`` may be repeated (``--backend avx512-bf16 --backend avx2``) to time several paths side by side.
 
 Run:  .venv/bin/python benchmarks/search.py            # N = 10,000 and 100,000 (1.5-4 minutes on 2 cores)
       .venv/bin/python benchmarks/search.py --quick    # N = 10,000 only, fewer repetitions (smoke run)
       .venv/bin/python benchmarks/search.py --in-ram   # engine on arrays in RAM instead of the memmap
       .venv/bin/python benchmarks/search.py --backend torch   # the fallback engine (no C compiler)
+      .venv/bin/python benchmarks/search.py --backend avx512-bf16 --backend avx2 --backend portable
 Caches are written once under benchmarks/out/caches (git-ignored; ~8 GB for 100k, ~2 minutes) and reused.
 Timings are wall clock: other processes on the same cores inflate them (the load average is printed).
 """
@@ -46,7 +52,8 @@ from cache_builder.synthetic import write_array_cache  # noqa: E402
 from cache_builder.cache_format import CacheError  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
-from dashboard.scoring import SCORERS, engine_status, get_scorer, score_windows  # noqa: E402
+from dashboard.scoring import SCORERS, engine_status, get_scorer, runnable_scorers, score_windows  # noqa: E402
+from dashboard.scoring.kernel import KernelUnavailable, best_variant, cpu_flags, load_kernel  # noqa: E402
 from dashboard.search import rank  # noqa: E402
 
 GRIDS = [(7, 7, 320), (14, 14, 112)]
@@ -65,6 +72,7 @@ warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN") 
 MIN_SPEEDUP_ALL, MIN_SPEEDUP_SMALL_MASK = 10.0, 50.0
 MAX_MS_100K_3X3 = 300.0
 MAX_FILTERED_SHARE = 0.15
+MAX_STREAM_MULTIPLE = {"1 cell": 1.5, "3x3": 2.5, "full": 1.5}  # engine time / streaming-read time, at 100k
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -192,14 +200,13 @@ def useful_flops(n: int, grid: tuple[int, int, int], mask: np.ndarray) -> float:
     return 2.0 * n * windows * int(np.count_nonzero(mask)) * grid[2]
 
 
-ENGINE_BACKEND: str | None = None  # set from --backend; None: what the dashboard would pick
 
 
-def engine_query(cache: FeatureCache, query: np.ndarray, mask: np.ndarray,
-                 ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def engine_query(cache: FeatureCache, query: np.ndarray, mask: np.ndarray, ids: np.ndarray | None = None,
+                 backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One full query as the dashboard runs it: top-k ids and scores."""
     region = RegionQuery.from_grid_mask(query, mask)
-    found = score_windows(cache.features(), cache.sqnorms, region, ids, backend=ENGINE_BACKEND)
+    found = score_windows(cache.features(), cache.sqnorms, region, ids, backend=backend)
     order = rank(found.scores, found.ids, TOP_K)
     return found.ids[order], found.scores[order]
 
@@ -290,11 +297,17 @@ class Row:
     engine: Timing
     reference: Timing
     ref_backend: str
+    backend: str
+    stream: Timing  # the plain streaming read of the same feature bytes
     agreement: list[tuple[bool, int]] = field(default_factory=list)  # (tie-aware same top-10, plain overlap)
 
     @property
     def speedup(self) -> float:
         return self.reference.median / self.engine.median
+
+    @property
+    def stream_multiple(self) -> float:
+        return self.engine.median / self.stream.median
 
 
 @dataclass
@@ -325,15 +338,26 @@ def measure_reference(cache: FeatureCache, mask: np.ndarray, qids: np.ndarray,
 
 
 def measure_engine(cache: FeatureCache, mask: np.ndarray, qids: np.ndarray, warmups: int,
-                   ids: np.ndarray | None = None) -> tuple[Timing, dict[int, np.ndarray]]:
+                   ids: np.ndarray | None = None, backend: str | None = None) -> tuple[Timing, dict[int, np.ndarray]]:
     ms, tops = [], {}
     for i, qid in enumerate(qids):
         query = cache.image_features(int(qid))
-        elapsed, (top_ids, _) = timed(lambda: engine_query(cache, query, mask, ids))
+        elapsed, (top_ids, _) = timed(lambda: engine_query(cache, query, mask, ids, backend))
         if i >= warmups:
             ms.append(elapsed)
             tops[int(qid)] = top_ids
     return Timing(ms), tops
+
+
+def measure_stream(cache: FeatureCache, reps: int) -> Timing:
+    """The streaming-read yardstick: read the features' bytes with the engine's thread count, `reps` times."""
+    try:
+        kernel = load_kernel(best_variant())
+    except KernelUnavailable:
+        kernel = load_kernel("portable")
+    bits = cache.features_bits
+    kernel.read_bytes(bits)  # warm-up
+    return Timing([timed(lambda: kernel.read_bytes(bits))[0] for _ in range(reps)])
 
 
 def agreement(engine_top: np.ndarray, ref_scores: np.ndarray) -> tuple[bool, int]:
@@ -367,10 +391,10 @@ def print_row(row: Row) -> None:
         same = sum(ok for ok, _ in row.agreement)
         overlaps = ",".join(str(o) for _, o in row.agreement)
         agree = f"  top-10 same {same}/{len(row.agreement)} (overlap {overlaps})"
-    log(f"  {row.mask_name:>6}: engine med/p95 {fmt_ms(row.engine)} ms | reference [{row.ref_backend}] med/p95 "
-        f"{fmt_ms(row.reference)} ms | x{row.speedup:7.1f} | engine {row.flops / engine_s / 1e9:6.1f} GFLOP/s "
-        f"{row.scan_bytes / engine_s / 1e9:5.1f} GB/s | reference {row.flops / ref_s / 1e9:5.2f} GFLOP/s"
-        + agree)
+    log(f"  {row.mask_name:>6} [{row.backend}]: engine med/p95 {fmt_ms(row.engine)} ms = {row.stream_multiple:.2f}x "
+        f"stream ({row.stream.median:.1f} ms) | reference [{row.ref_backend}] med/p95 {fmt_ms(row.reference)} ms | "
+        f"x{row.speedup:7.1f} | engine {row.flops / engine_s / 1e9:6.1f} GFLOP/s "
+        f"{row.scan_bytes / engine_s / 1e9:5.1f} GB/s | reference {row.flops / ref_s / 1e9:5.2f} GFLOP/s" + agree)
 
 
 def load_average() -> str:
@@ -386,9 +410,10 @@ def print_header(args: argparse.Namespace) -> None:
     log(f"command: {' '.join([sys.executable] + sys.argv)}")
     log(f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"load average {load_average()} (other processes share these cores; timings are wall clock)")
-    engine = engine_status() if args.backend is None else \
-        f"{get_scorer(args.backend).describe()} (--backend {args.backend})"
-    log(f"engine: {engine}")
+    flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16") if f in cpu_flags())
+    log(f"CPU flags: {flags or 'none of avx2, fma, avx512f, avx512bw, avx512_bf16'}")
+    engines = [engine_status() if b is None else f"{b}: {get_scorer(b).describe()}" for b in args.backends]
+    log(f"engine: {'; '.join(engines)}")
     log(f"sizes {args.sizes}, engine: {args.warmups} warm-up + {args.reps} timed queries per config, "
         f"reference: {args.ref_reps} timed queries on {REF_N:,} images (after a one-batch backend pick/warm-up)")
     log("data: seeded synthetic post-ReLU features (mixtures of shared sparse parts + noise, ~half zeros); caches "
@@ -405,8 +430,8 @@ def print_header(args: argparse.Namespace) -> None:
 
 def print_summary(rows: list[Row], filtered: tuple[Timing, Timing, int] | None) -> bool:
     log("\n================================ summary ================================")
-    log(f"{'N':>8} {'grid':>9} {'mask':>6} | {'engine ms med':>13} {'p95':>8} | {'reference ms med':>16} "
-        f"{'p95':>9} | {'speed-up':>8} | {'GFLOP/s':>7} {'GB/s':>5} | top-10")
+    log(f"{'N':>8} {'grid':>9} {'mask':>6} {'backend':>11} | {'engine ms med':>13} {'p95':>8} | {'x stream':>8} | "
+        f"{'reference ms med':>16} {'p95':>9} | {'speed-up':>8} | {'GFLOP/s':>7} {'GB/s':>5} | top-10")
     for row in rows:
         scaled = "*" if row.reference.scaled_from else " "
         engine_s = row.engine.median / 1e3
@@ -414,8 +439,9 @@ def print_summary(rows: list[Row], filtered: tuple[Timing, Timing, int] | None) 
         if row.agreement:
             top = (f"{sum(ok for ok, _ in row.agreement)}/{len(row.agreement)} same, overlap "
                    f"{min(o for _, o in row.agreement)}-{max(o for _, o in row.agreement)}")
-        log(f"{row.n:>8,} {grid_name(row.grid):>9} {row.mask_name:>6} | {row.engine.median:13.1f} "
-            f"{row.engine.p95:8.1f} | {row.reference.median:15.0f}{scaled} {row.reference.p95:9.0f} | "
+        log(f"{row.n:>8,} {grid_name(row.grid):>9} {row.mask_name:>6} {row.backend:>11} | {row.engine.median:13.1f} "
+            f"{row.engine.p95:8.1f} | {row.stream_multiple:8.2f} | {row.reference.median:15.0f}{scaled} "
+            f"{row.reference.p95:9.0f} | "
             f"{row.speedup:8.1f} | {row.flops / engine_s / 1e9:7.1f} {row.scan_bytes / engine_s / 1e9:5.1f} | {top}")
     if any(row.reference.scaled_from for row in rows):
         log(f"* reference scaled linearly from {REF_N:,} images")
@@ -446,6 +472,17 @@ def check_targets(rows: list[Row], filtered: tuple[Timing, Timing, int] | None) 
                f"({key[0].engine.median:.1f} ms)")
     else:
         log("  [SKIP] 100,000-image 7x7x320 3x3 latency (N = 100,000 not run)")
+    for backend in dict.fromkeys(r.backend for r in rows):
+        at_scale = [r for r in rows if r.backend == backend and r.n == 100_000]
+        if not at_scale:
+            log(f"  [SKIP] {backend}: multiples of the streaming read at 100,000 images (N = 100,000 not run)")
+        for mask_name, limit in MAX_STREAM_MULTIPLE.items():
+            chosen = [r for r in at_scale if r.mask_name == mask_name]
+            if chosen:
+                worst_row = max(chosen, key=lambda r: r.stream_multiple)
+                target(worst_row.stream_multiple <= limit,
+                       f"{backend}, {mask_name}: <= {limit}x the streaming read of the features at 100,000 images "
+                       f"(worst {worst_row.stream_multiple:.2f}x at {grid_name(worst_row.grid)})")
     checks = [ok for r in rows for ok, _ in r.agreement]
     target(all(checks), f"same top-10 as the reference, ties within 2*2^-8 allowed ({sum(checks)}/{len(checks)} "
                         f"queries over {sum(bool(r.agreement) for r in rows)} configs at {REF_N:,} images)")
@@ -489,30 +526,32 @@ def run_grid(grid, args, rows: list[Row]) -> tuple[Timing, Timing, int] | None:
             gigabytes = warm_page_cache(cache)
             log(f" N = {n:,}: warm cache (read {gigabytes:.2f} GB untimed in "
                 f"{time.perf_counter() - warm_started:.1f} s)")
+        stream = measure_stream(cache, args.reps)
         for name, mask in masks.items():
-            engine, tops = measure_engine(cache, mask, qids[name], args.warmups)
-            ref = refs[name]
-            reference = ref.timing if n == REF_N else Timing([t * n / REF_N for t in ref.timing.ms], REF_N)
-            row = Row(n, grid, name, useful_flops(n, grid, mask), n * int(np.prod(grid)) * 2.0, engine, reference,
-                      ref.backend)
-            if n == REF_N:
-                row.agreement = [agreement(tops[q], scores) for q, scores in ref.top_scores.items()]
-            rows.append(row)
-            print_row(row)
+            for backend in args.backends:
+                engine, tops = measure_engine(cache, mask, qids[name], args.warmups, backend=backend)
+                ref = refs[name]
+                reference = ref.timing if n == REF_N else Timing([t * n / REF_N for t in ref.timing.ms], REF_N)
+                row = Row(n, grid, name, useful_flops(n, grid, mask), n * int(np.prod(grid)) * 2.0, engine,
+                          reference, ref.backend, backend or get_scorer().name, stream)
+                if n == REF_N:
+                    row.agreement = [agreement(tops[q], scores) for q, scores in ref.top_scores.items()]
+                rows.append(row)
+                print_row(row)
         if grid == (7, 7, 320) and n == max(args.sizes):
             filtered = measure_filtered(cache, masks["3x3"], qids["3x3"], args.warmups,
                                         next(r.engine for r in rows if r.n == n and r.grid == grid
-                                             and r.mask_name == "3x3"))
+                                             and r.mask_name == "3x3"), args.backends[0])
     for cache in caches.values():
         cache.metadata.close()
     return filtered
 
 
 def measure_filtered(cache: FeatureCache, mask: np.ndarray, qids: np.ndarray, warmups: int,
-                     full: Timing) -> tuple[Timing, Timing, int]:
+                     full: Timing, backend: str | None) -> tuple[Timing, Timing, int]:
     rng = np.random.default_rng([SEED, 10])
     ids = np.sort(rng.choice(cache.size, size=cache.size // 10, replace=False))
-    part, _ = measure_engine(cache, mask, qids, warmups, ids)
+    part, _ = measure_engine(cache, mask, qids, warmups, ids, backend)
     log(f"  filtered 3x3 over a random 10% ({len(ids):,} sorted ids): med/p95 {fmt_ms(part)} ms vs full "
         f"{full.median:.1f} ms -> {part.median / full.median:.1%} of the full time")
     return full, part, cache.size
@@ -532,13 +571,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-reps", type=int, help="timed reference queries per config (default 3; 2 with --quick)")
     parser.add_argument("--warmups", type=int, default=2, help="untimed engine queries per config (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads for both methods (default: torch's own)")
-    parser.add_argument("--backend", choices=tuple(SCORERS),
-                        help="engine backend (default: native kernel if it builds)")
+    parser.add_argument("--backend", choices=tuple(SCORERS), action="append", dest="backends",
+                        help="engine backend; repeat to time several side by side (default: what the dashboard "
+                        f"picks); runnable here: {', '.join(runnable_scorers())}")
     parser.add_argument("--in-ram", action="store_true",
                         help="time the engine on arrays copied into RAM instead of the memory-mapped cache")
     args = parser.parse_args()
-    global ENGINE_BACKEND
-    ENGINE_BACKEND = args.backend
+    args.backends = args.backends or [None]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.sizes = args.sizes or ([REF_N] if args.quick else [REF_N, 100_000])

@@ -20,7 +20,9 @@ from dashboard.search import rank
 # bfloat16 remainder term), so it agrees with float64 to float32 noise. The torch fallback's bfloat16 GEMM rounds
 # each per-cell dot product (and, for a whole-grid box, the weighted query) to 8 significant bits; by
 # Cauchy-Schwarz each rounding costs at most 2^-9 in score units, so two of them plus float32 noise stay < 2^-7.
-TOLERANCE = {"native": 2.0 ** -16, "portable": 2.0 ** -16, "torch": 2.0 ** -7}
+TOLERANCE = {"native": 2.0 ** -16, "avx512-bf16": 2.0 ** -16, "avx2": 2.0 ** -16, "portable": 2.0 ** -16,
+             "torch": 2.0 ** -7}
+BACKENDS = scoring.runnable_scorers()  # every path this CPU runs: an AVX-512 machine tests the AVX2 path too
 SCORE_TOL = max(TOLERANCE.values())
 
 
@@ -56,7 +58,7 @@ def search_case(draw):
     return features, query_image, mask
 
 
-@pytest.mark.parametrize("backend", list(SCORERS))
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=search_case())
 def test_engine_matches_float64_reference(backend, case):
@@ -84,7 +86,7 @@ def test_engine_matches_float64_reference(backend, case):
     np.testing.assert_allclose(heat.reshape(-1), expected[-1].reshape(-1), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("backend", list(SCORERS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_candidate_subset_scores_equal_full_search(small_cache, monkeypatch, backend):
     features = small_cache.image_features(3)
     query = RegionQuery.from_grid_mask(features, np.pad(np.ones((2, 2)), ((1, 2), (1, 3))))
@@ -98,7 +100,7 @@ def test_candidate_subset_scores_equal_full_search(small_cache, monkeypatch, bac
 
 
 @pytest.mark.parametrize("ids", [np.array([0, 40]), np.array([-1]), np.array([2**40])])
-@pytest.mark.parametrize("backend", list(SCORERS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_candidate_ids_outside_the_cache_are_refused(small_cache, backend, ids):
     """The kernel reads raw memory at each id: an id from a stale filter or a hostile caller must not reach it."""
     query = RegionQuery.from_grid_mask(small_cache.image_features(0), np.ones((5, 6)))
@@ -121,13 +123,14 @@ def test_window_score_map_peaks_at_the_reported_window(small_cache):
 
 def test_an_unknown_backend_is_a_clear_error_with_a_suggestion(monkeypatch):
     monkeypatch.setenv("VFS_SEARCH_BACKEND", "portabel")
-    with pytest.raises(QueryError, match="VFS_SEARCH_BACKEND must be one of native, portable, torch.*'portable'"):
+    with pytest.raises(QueryError, match="VFS_SEARCH_BACKEND must be one of native, avx512-bf16, avx2, portable, "
+                                         "torch.*'portable'"):
         scoring.get_scorer()
     with pytest.raises(QueryError, match="backend must be one of"):
         scoring.get_scorer("gpu")
 
 
-@pytest.mark.parametrize("name", list(SCORERS))
+@pytest.mark.parametrize("name", BACKENDS)
 def test_every_registered_scorer_is_found_by_its_name(name, monkeypatch):
     assert scoring.get_scorer(name).name == name
     monkeypatch.setenv("VFS_SEARCH_BACKEND", name)
@@ -144,7 +147,7 @@ def test_maps_of_several_images_come_from_one_prepared_query(small_cache, monkey
     assert maps[1].max() == pytest.approx(1.0, abs=SCORE_TOL)  # image 5 is the query
 
 
-@pytest.mark.parametrize("backend", list(SCORERS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_window_mostly_on_padding_cannot_be_the_best(backend):
     """Image 1 is letterboxed (picture in columns 2..4): the window at column 0 matches the query's strong cell
     with its only picture cell, but two thirds of the region's weight would lie on padding."""
@@ -177,3 +180,26 @@ def test_picture_share_counts_the_regions_weight_on_the_picture():
     total = 1 + 0.25 + 1
     assert share.shape == (1, 2, 3)
     assert share[0, 0, 0] == pytest.approx((0.25 + 1) / total) and share[0, 0, 1] == pytest.approx(1)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"}, "avx512-bf16"),
+    ({"avx2", "fma", "avx512f"}, "avx2"),  # AVX-512 without BF16: the AVX2 path
+    ({"sse4_2"}, "portable"),
+])
+def test_native_picks_the_best_path_the_cpus_flags_allow(flags, expected, monkeypatch):
+    from dashboard.scoring import kernel
+
+    monkeypatch.setattr(kernel, "cpu_flags", lambda: frozenset(flags))
+    assert kernel.best_variant() == expected
+
+
+def test_a_path_the_cpu_lacks_is_refused_by_name_and_skipped_by_native(monkeypatch):
+    from dashboard.scoring import kernel
+
+    monkeypatch.setattr(kernel, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(QueryError, match="lacks avx512f, avx512bw, avx512_bf16"):
+        scoring.get_scorer("avx512-bf16")
+    assert scoring.get_scorer("native").kernel().isa == "avx2+fma"
+    monkeypatch.setattr(kernel, "cpu_flags", lambda: frozenset())
+    assert scoring.get_scorer("native").kernel().isa == "portable float32"

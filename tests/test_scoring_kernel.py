@@ -66,11 +66,15 @@ def wide_cache():
     return torch.from_numpy(bits).view(torch.bfloat16), sqnorms
 
 
-def test_threads_split_the_work_without_changing_a_bit(wide_cache):
+RUNNABLE = [v for v in search_kernel.VARIANTS if not search_kernel.missing_cpu_flags(v)]
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_threads_split_the_work_without_changing_a_bit(wide_cache, variant):
     features, sqnorms = wide_cache
     query = RegionQuery.from_grid_mask(features[7].float().numpy(), np.pad(np.ones((2, 3)), ((1, 1), (1, 1))))
     prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
-    kernel = load_kernel()
+    kernel = load_kernel(variant)
     one = kernel.score(prepared, features, sqnorms, None, threads=1)
     ids = np.sort(np.random.default_rng(1).choice(len(features), 900, replace=False))
     for threads in (2, 3):
@@ -83,14 +87,15 @@ def test_threads_split_the_work_without_changing_a_bit(wide_cache):
     assert one[0][7] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_every_window_score_is_reported_and_the_best_is_the_first_maximum(wide_cache):
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_every_window_score_is_reported_and_the_best_is_the_first_maximum(wide_cache, variant):
     features, sqnorms = wide_cache
     zeros = torch.zeros_like(features[:2])  # all-zero images: every window scores 0, the first one is best
     features = torch.cat([features[:3], zeros])
     sqnorms = np.concatenate([sqnorms[:3], np.zeros_like(sqnorms[:2])])
     query = RegionQuery.from_grid_mask(features[1].float().numpy(), np.pad(np.ones((1, 2)), ((2, 1), (1, 2))))
     prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
-    scores, windows, every = load_kernel().score(prepared, features, sqnorms, None, with_all=True)
+    scores, windows, every = load_kernel(variant).score(prepared, features, sqnorms, None, with_all=True)
     assert every.shape == (5, 4 * 4)
     np.testing.assert_array_equal(scores, every.max(axis=1))
     np.testing.assert_array_equal(windows, every.argmax(axis=1))
@@ -126,14 +131,14 @@ def fresh_build(tmp_path, monkeypatch):
 
 
 def test_the_kernel_is_built_once_and_then_loaded_from_its_folder(fresh_build, monkeypatch):
-    kernel = load_kernel()
+    kernel = load_kernel(search_kernel.best_variant())
     assert kernel.path.parent == fresh_build and kernel.path.is_file()
-    assert kernel.isa in ("avx512-bf16", "portable float32")
+    assert kernel.isa in ("avx512-bf16", "avx2+fma", "portable float32")
     monkeypatch.setattr(search_kernel, "_LOADED", {})
     compiled = []
     real_run = subprocess.run
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: (compiled.append(command), real_run(command, **kw))[1])
-    assert load_kernel().path == kernel.path
+    assert load_kernel(search_kernel.best_variant()).path == kernel.path
     assert all("-shared" not in command for command in compiled)  # only `cc --version`, no second build
 
 
@@ -166,3 +171,18 @@ def test_a_compiler_that_fails_is_reported_not_raised_mid_search(fresh_build, mo
     found = score_windows(small_cache.features(), small_cache.sqnorms, query)
     assert found.scores[1] == pytest.approx(1.0, abs=2.0 ** -7)
     assert not list(fresh_build.glob("*.so"))
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_the_streaming_read_reads_every_byte(variant):
+    data = np.random.default_rng(2).integers(0, 2**63, size=100_003, dtype=np.int64).view(np.uint8)
+    expected = 0
+    whole = data[: len(data) // 32 * 32].view(np.uint64).reshape(-1, 4)
+    for lane in np.bitwise_xor.reduce(whole, axis=0):
+        expected ^= int(lane)
+    tail = int(np.bitwise_xor.reduce(data[len(data) // 32 * 32:].astype(np.uint64)))
+    kernel = load_kernel(variant)
+    assert kernel.read_bytes(data, threads=1) == expected ^ tail
+    changed = data.copy()
+    changed[12345] ^= 1
+    assert kernel.read_bytes(changed, threads=1) != kernel.read_bytes(data, threads=1)

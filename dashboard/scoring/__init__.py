@@ -2,8 +2,10 @@
 
 | name | what |
 | --- | --- |
-| `native` | the compiled kernel with the best instructions this CPU has (AVX512-BF16, else portable C) |
-| `portable` | the compiled kernel's portable C path, on any CPU (to test and compare it) |
+| `native` | the compiled kernel's best path for this CPU, chosen at run time from its flags |
+| `avx512-bf16` | AVX512-BF16 dot products on the stored bfloat16 values |
+| `avx2` | AVX2+FMA: stored values widened to float32 in registers |
+| `portable` | the compiled kernel's plain C path, on any CPU (to test and compare it) |
 | `torch` | torch operations, for machines without a C compiler (slower, precision ~2^-8) |
 
 `VFS_SEARCH_BACKEND` (see `dashboard.settings`) or a `backend=` argument picks one by name; unset, `native` is
@@ -28,10 +30,12 @@ from dashboard.scoring.native import NativeScorer
 from dashboard.scoring.torch_path import TorchScorer
 
 __all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "engine_status", "get_scorer",
-           "prepare", "score_windows", "window_score_maps"]
+           "prepare", "runnable_scorers", "score_windows", "window_score_maps"]
 
 SCORERS: dict[str, Scorer] = {
-    "native": NativeScorer("native", "native kernel, best instructions of this CPU"),
+    "native": NativeScorer(None, "native kernel, the best path of this CPU"),
+    "avx512-bf16": NativeScorer("avx512-bf16", "native kernel, AVX512-BF16 path"),
+    "avx2": NativeScorer("avx2", "native kernel, AVX2+FMA path"),
     "portable": NativeScorer("portable", "native kernel, portable C path"),
     "torch": TorchScorer(),
 }
@@ -78,6 +82,11 @@ def engine_status() -> str:
     if scorer.name == FALLBACK and settings.current().search_backend != FALLBACK:
         return f"torch fallback ({SCORERS['native'].unavailable_reason()})"
     return scorer.describe()
+
+
+def runnable_scorers() -> list[str]:
+    """The names of every scorer that runs on this machine (tests and benchmarks iterate over these)."""
+    return [name for name, scorer in SCORERS.items() if scorer.unavailable_reason() is None]
 
 
 def prepare(query: RegionQuery, features: torch.Tensor, backend: str | None = None) -> PreparedQuery:

@@ -12,10 +12,15 @@
  *     score       = numerator / (sqrt(denominator) * query_norm), 0 where the denominator is 0, in [-1, 1]
  * An image keeps its best window, the first in row-major order among equals.
  *
- * With AVX512-BF16 (vdpbf16ps) the numerator multiplies the stored bfloat16 values by bfloat16 terms and
- * accumulates in float32; a soft weight that makes T_t inexact in bfloat16 is carried as two terms (the
- * bfloat16 value and its remainder), so the numerator is float32-exact either way. Elsewhere the features
- * are widened to float32 once per image and multiplied by float32 cells.
+ * Three instruction paths, one chosen per build (kernel.py builds each with its own flags and picks at run time
+ * from the CPU's flags):
+ * - AVX512-BF16 (vdpbf16ps) multiplies the stored bfloat16 values by bfloat16 terms and accumulates in
+ *   float32; a soft weight that makes T_t inexact in bfloat16 is carried as two terms (the bfloat16 value and
+ *   its remainder), so the numerator is float32-exact either way.
+ * - AVX2+FMA widens 16 stored values at a time to float32 in registers (a bfloat16 is the top half of a
+ *   float32: a shift for the even values, a mask for the odd ones) and multiplies them by the float32 terms,
+ *   same runs, same blocking: no copy of the image is made, so it streams like the AVX-512 path.
+ * - The portable path widens the image to float32 once and multiplies it by float32 cells in plain loops.
  */
 #include <math.h>
 #include <stdint.h>
@@ -24,10 +29,18 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(VFS_GENERIC)
 #include <immintrin.h>
-#define VFS_USE_BF16 1
+#define VFS_ISA 2
+#define VFS_STEP_VALUES 64 /* values per inner-loop step, between two prefetch steps */
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(VFS_GENERIC)
+#include <immintrin.h>
+#define VFS_ISA 1
+#define VFS_STEP_VALUES 32
 #else
-#define VFS_USE_BF16 0
+#define VFS_ISA 0
+#define VFS_STEP_VALUES 64
 #endif
+#define VFS_USE_BF16 (VFS_ISA == 2)
+#define VFS_STREAMS (VFS_ISA > 0) /* scores straight from the stored values, no widened copy of the image */
 
 #define VFS_BLOCK 8 /* windows scored together, sharing each load of the query */
 
@@ -44,9 +57,25 @@ typedef struct {
     const float *cell_weights;     /* weight^2 per cell */
     const float *cell_vectors;     /* n_cells x channels float32: weight^2 * query cell (generic path) */
     float query_norm;              /* ||M * Q|| */
+    int32_t n_runs;                /* the first n_runs terms without their remainders (AVX2 path) */
+    const float *run_values;       /* float32 weight^2 * query, run after run, laid out like term_bits */
 } vfs_query;
 
-int vfs_isa(void) { return VFS_USE_BF16; }
+int vfs_isa(void) { return VFS_ISA; }
+
+/* A plain read of n bytes, 32 at a time, as fast as the memory bus allows: the yardstick the benchmark holds
+ * the kernel against. Returns a checksum so the reads cannot be optimised away. */
+uint64_t vfs_read_bytes(const uint8_t *data, int64_t n) {
+    uint64_t lanes[4] = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        uint64_t words[4];
+        memcpy(words, data + i, 32);
+        for (int k = 0; k < 4; k++) lanes[k] ^= words[k];
+    }
+    for (; i < n; i++) lanes[0] ^= data[i];
+    return lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3];
+}
 
 /* scores of all windows of one image from their numerators; plain loops over contiguous rows, vectorised */
 static void image_scores(const vfs_query *q, const float *sq, const float *numerators, float *denominators,
@@ -123,6 +152,61 @@ static inline __mmask32 chunk_mask(int32_t remaining) {
         _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                                    \
             out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));                                     \
     }
+#elif VFS_ISA == 1
+static inline float bf16_to_float(uint16_t bits) {
+    const uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* numerators of `NB` windows. 16 stored values are one 32-byte load read as 8 32-bit lanes: a shift turns
+ * the low halves (the even values) into float32, a mask the high halves (the odd ones), and the query's values
+ * are stored in that even/odd order (kernel.py), so no shuffle is needed. One float32 accumulator per window
+ * stays in a register (8 independent FMA chains); run tails that are not a multiple of 16 values are finished in
+ * scalar code (the query's tail values are stored in plain order). */
+#define VFS_DEFINE_BLOCK(NB)                                                                                    \
+    static void numerators_##NB(const vfs_query *q, const uint16_t *img, const int32_t *base, float *out,       \
+                                prefetcher *pf) {                                                               \
+        const int32_t C = q->channels;                                                                          \
+        const __m256i high = _mm256_set1_epi32((int)0xffff0000u);                                               \
+        __m256 acc[NB];                                                                                         \
+        float tail[NB];                                                                                         \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                                  \
+            acc[j] = _mm256_setzero_ps();                                                                       \
+            tail[j] = 0.0f;                                                                                     \
+        }                                                                                                       \
+        for (int32_t t = 0; t < q->n_runs; t++) {                                                              \
+            const float *qv = q->run_values + q->term_starts[t];                                                \
+            const int32_t length = q->term_lengths[t];                                                          \
+            const uint16_t *row[NB];                                                                            \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                                \
+                row[j] = img + (size_t)(base[j] + q->term_offsets[t]) * C;                                      \
+            int32_t c = 0;                                                                                      \
+            for (; c + 16 <= length; c += 16) {                                                                 \
+                if ((c & (VFS_STEP_VALUES - 1)) == 0) prefetch_step(pf);                                        \
+                const __m256 q_even = _mm256_loadu_ps(qv + c), q_odd = _mm256_loadu_ps(qv + c + 8);             \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                          \
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(row[j] + c));                      \
+                    acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), q_even, acc[j]);  \
+                    acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(raw, high)), q_odd, acc[j]);  \
+                }                                                                                               \
+            }                                                                                                   \
+            for (; c < length; c++)                                                                             \
+                for (int j = 0; j < NB; j++) tail[j] += bf16_to_float(row[j][c]) * qv[c];                        \
+        }                                                                                                       \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) out[j] = hsum256(acc[j]) + tail[j];                \
+    }
+#endif
+
+#if VFS_STREAMS
 VFS_DEFINE_BLOCK(1)
 VFS_DEFINE_BLOCK(2)
 VFS_DEFINE_BLOCK(3)
@@ -180,8 +264,8 @@ int vfs_score_images(const vfs_query *q, const uint16_t *features, const float *
     const size_t image_values = (size_t)positions * q->channels;
     int32_t *bases = malloc(sizeof(int32_t) * windows);
     float *work = malloc(sizeof(float) * 3 * (size_t)windows);
-    float *scratch = VFS_USE_BF16 ? NULL : malloc(sizeof(float) * image_values);
-    if (!bases || !work || (!VFS_USE_BF16 && !scratch)) {
+    float *scratch = VFS_STREAMS ? NULL : malloc(sizeof(float) * image_values);
+    if (!bases || !work || (!VFS_STREAMS && !scratch)) {
         free(bases); free(work); free(scratch);
         return -1;
     }
@@ -189,7 +273,8 @@ int vfs_score_images(const vfs_query *q, const uint16_t *features, const float *
     for (int32_t y = 0, w = 0; y < q->out_h; y++)
         for (int32_t x = 0; x < q->out_w; x++) bases[w++] = y * q->grid_w + x;
     int64_t steps = 0;  /* inner-loop steps per image, to spread the next image's lines over */
-    for (int32_t t = 0; t < q->n_terms; t++) steps += (q->term_lengths[t] + 63) / 64;
+    const int32_t n_terms = VFS_ISA == 1 ? q->n_runs : q->n_terms;
+    for (int32_t t = 0; t < n_terms; t++) steps += (q->term_lengths[t] + VFS_STEP_VALUES - 1) / VFS_STEP_VALUES;
     steps *= (windows + VFS_BLOCK - 1) / VFS_BLOCK;
     const int64_t lines = (int64_t)((image_values * sizeof(uint16_t) + 63) / 64);
     const int32_t lines_per_step = (int32_t)(steps > 0 ? (lines + steps - 1) / steps : lines);

@@ -33,8 +33,18 @@ from dashboard import settings
 from dashboard.scoring.base import check_ids
 
 SOURCE = Path(__file__).with_name("kernel.c")
-VARIANTS = ("native", "portable")  # portable: the plain C path even where AVX512-BF16 exists (tests compare both)
-FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
+# The instruction paths of kernel.c, best first: the CPU flags each needs and the compiler flags that select it.
+# Every path the CPU supports can be built and forced (VFS_SEARCH_BACKEND), so an AVX-512 machine tests and
+# benchmarks the AVX2 path too.
+PATHS: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "avx512-bf16": (("avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"),
+                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma"]),
+    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+    "portable": ((), ["-DVFS_GENERIC"]),
+}
+VARIANTS = tuple(PATHS)
+ISA_NAMES = {2: "avx512-bf16", 1: "avx2+fma", 0: "portable float32"}
+FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])  # the portable path's, best first
 MIN_IMAGES_PER_THREAD = 256
 
 
@@ -50,6 +60,7 @@ class _Query(ctypes.Structure):
         ("term_starts", ctypes.c_void_p), ("term_bits", ctypes.c_void_p),
         ("n_cells", ctypes.c_int32), ("cell_offsets", ctypes.c_void_p), ("cell_weights", ctypes.c_void_p),
         ("cell_vectors", ctypes.c_void_p), ("query_norm", ctypes.c_float),
+        ("n_runs", ctypes.c_int32), ("run_values", ctypes.c_void_p),
     ]
 
 
@@ -69,6 +80,8 @@ class KernelQuery:
     cell_weights: np.ndarray  # (K,) float32 weight^2
     cell_vectors: np.ndarray  # (K, C) float32 weight^2 * cell
     query_norm: float
+    n_runs: int  # the first n_runs terms are the runs, the rest their bfloat16 remainders
+    run_values: np.ndarray  # float32 weight^2 * query of the runs, each 16-value chunk as 8 even, 8 odd values
 
     @classmethod
     def build(cls, features: np.ndarray, weights: np.ndarray, grid: tuple[int, int], norm: float) -> "KernelQuery":
@@ -110,6 +123,7 @@ class KernelQuery:
             cell_offsets=(rows * grid[1] + cols).astype(np.int32),
             cell_weights=np.ascontiguousarray(weights_sq[rows, cols]),
             cell_vectors=np.ascontiguousarray(vectors[rows, cols]), query_norm=float(norm),
+            n_runs=len(runs), run_values=np.concatenate([_even_odd(v) for v in run_values]).astype(np.float32),
         )
 
     @property
@@ -122,8 +136,20 @@ class KernelQuery:
             len(self.term_offsets), self.term_offsets.ctypes.data, self.term_lengths.ctypes.data,
             self.term_starts.ctypes.data, self.term_bits.ctypes.data,
             len(self.cell_offsets), self.cell_offsets.ctypes.data, self.cell_weights.ctypes.data,
-            self.cell_vectors.ctypes.data, self.query_norm,
+            self.cell_vectors.ctypes.data, self.query_norm, self.n_runs, self.run_values.ctypes.data,
         )
+
+
+def _even_odd(values: np.ndarray) -> np.ndarray:
+    """Each whole 16-value chunk reordered as its 8 even-indexed then 8 odd-indexed values (the tail as is).
+
+    The AVX2 path loads 16 stored bfloat16 values as 8 32-bit lanes: the even ones are the low halves (a shift
+    makes them float32), the odd ones the high halves (a mask does). Multiplying those by query values in the
+    same order gives the same dot product with no shuffle at all.
+    """
+    whole = len(values) // 16 * 16
+    chunks = values[:whole].reshape(-1, 8, 2).transpose(0, 2, 1).reshape(-1)
+    return np.concatenate([chunks, values[whole:]])
 
 
 class SearchKernel:
@@ -136,7 +162,29 @@ class SearchKernel:
         self._score.argtypes = [ctypes.POINTER(_Query), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         library.vfs_isa.restype = ctypes.c_int
-        self.isa = "avx512-bf16" if library.vfs_isa() else "portable float32"
+        self.isa = ISA_NAMES[library.vfs_isa()]
+        self._read = library.vfs_read_bytes
+        self._read.restype = ctypes.c_uint64
+        self._read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+
+    def read_bytes(self, array: np.ndarray, threads: int | None = None) -> int:
+        """Read every byte of a C-contiguous array once, split over threads as `score` splits images: the
+        streaming-read yardstick of the benchmarks. Returns a checksum."""
+        if not array.flags.c_contiguous:
+            raise ValueError("read_bytes needs a C-contiguous array")
+        threads = max(1, threads or torch.get_num_threads())
+        bounds = np.linspace(0, array.nbytes, threads + 1).astype(np.int64) // 64 * 64
+        bounds[-1] = array.nbytes
+        base = array.ctypes.data
+
+        def run(part: int) -> int:
+            return self._read(base + int(bounds[part]), int(bounds[part + 1] - bounds[part]))
+
+        parts = list(_pool().map(run, range(threads))) if threads > 1 else [run(0)]
+        checksum = 0
+        for value in parts:
+            checksum ^= value
+        return checksum
 
     def score(self, query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarray, ids: np.ndarray | None,
               with_all: bool = False, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -202,10 +250,33 @@ _LOADED: dict[str, SearchKernel | KernelUnavailable] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load_kernel(variant: str = "native") -> SearchKernel:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def missing_cpu_flags(variant: str) -> list[str]:
+    return [flag for flag in PATHS[variant][0] if flag not in cpu_flags()]
+
+
+def best_variant() -> str:
+    """The fastest path this CPU runs (its build may still fail: `load_kernel` says)."""
+    return next(v for v in VARIANTS if not missing_cpu_flags(v))
+
+
+def load_kernel(variant: str = "portable") -> SearchKernel:
     """The compiled kernel (built on first use); raises KernelUnavailable, once per process, if it cannot be."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
+    missing = missing_cpu_flags(variant)
+    if missing:
+        raise KernelUnavailable(f"this CPU lacks {', '.join(missing)} for the {variant} path")
     with _LOAD_LOCK:
         if variant not in _LOADED:
             try:
@@ -267,7 +338,8 @@ def _build(variant: str) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{compiler} --version failed: {exc}") from None
-    extra = ["-DVFS_GENERIC"] if variant == "portable" else []
+    extra = PATHS[variant][1]
+    flag_sets = FLAG_SETS if variant == "portable" else [["-O3", "-mtune=native"], ["-O3"]]
     digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), _machine_key().encode(),
                                         " ".join(extra).encode()])).hexdigest()[:16]
     suffix = ".dylib" if platform.system() == "Darwin" else ".so"
@@ -277,7 +349,7 @@ def _build(variant: str) -> Path:
             return folder / name
     target = _writable_folder() / name
     errors = []
-    for flags in FLAG_SETS:  # -march=native where the compiler knows it (gcc, clang on x86), else plainer
+    for flags in flag_sets:  # tuned for this machine where the compiler knows how, else plainer
         partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         command = [compiler, *flags, "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", *extra, str(SOURCE),
                    "-o", str(partial), "-lm"]

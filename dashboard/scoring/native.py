@@ -1,4 +1,4 @@
-"""The compiled kernel (`kernel.c`) as a scorer: AVX512-BF16 where the CPU has it, or the portable C path."""
+"""The compiled kernel (`kernel.c`) as a scorer: one of its instruction paths, or the best this CPU runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 from dashboard.region_query import RegionQuery
 from dashboard.scoring.base import PreparedQuery, Scorer
-from dashboard.scoring.kernel import KernelQuery, KernelUnavailable, SearchKernel, load_kernel
+from dashboard.scoring.kernel import VARIANTS, KernelQuery, KernelUnavailable, SearchKernel, load_kernel
 
 
 class _NativeQuery(PreparedQuery):
@@ -25,11 +25,21 @@ class _NativeQuery(PreparedQuery):
 
 
 class NativeScorer(Scorer):
-    def __init__(self, variant: str, description: str):
-        self.name, self.variant, self.description = variant, variant, description
+    """`variant`: one path of the kernel (see kernel.PATHS), or None for the best path that builds here."""
+
+    def __init__(self, variant: str | None, description: str):
+        self.name, self.variant, self.description = variant or "native", variant, description
 
     def kernel(self) -> SearchKernel:
-        return load_kernel(self.variant)
+        if self.variant is not None:
+            return load_kernel(self.variant)
+        failures = []
+        for variant in VARIANTS:  # best first; a path this CPU lacks, or whose build fails, gives way
+            try:
+                return load_kernel(variant)
+            except KernelUnavailable as exc:
+                failures.append(exc)
+        raise failures[-1]
 
     def unavailable_reason(self) -> str | None:
         try:
