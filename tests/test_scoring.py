@@ -13,7 +13,7 @@ from conftest import reference_scores
 from dashboard import scoring
 from dashboard.geometry import QueryError
 from dashboard.region_query import RegionQuery
-from dashboard.scoring import SCORERS, score_windows, window_score_maps
+from dashboard.scoring import score_windows, window_score_maps
 from dashboard.search import rank
 
 # The native kernel multiplies the stored bfloat16 values exactly and accumulates in float32 (soft weights carry a
