@@ -103,6 +103,11 @@ static void image_scores(const vfs_query *q, const float *sq, const float *numer
  * hardware prefetchers stop at 4 KiB pages). A few lines per step of the inner loop, so that the fetches
  * overlap the arithmetic instead of queueing up in bursts. Measured on 100,000 images: 3 ahead beat 1 by up
  * to 1.5x for 3x3 masks. */
+/* Into L2 (prefetcht1), not L1: an image is 30-45 kB, more than L1 holds, and L2 keeps more fetches in flight.
+ * Measured at 100,000 images, 7x7x320, AVX-512: 108-117 ms per query instead of 148-188 ms into L1. */
+#ifndef VFS_PREFETCH_LOCALITY
+#define VFS_PREFETCH_LOCALITY 2
+#endif
 #ifndef VFS_PREFETCH_AHEAD
 #define VFS_PREFETCH_AHEAD 3
 #endif
@@ -113,7 +118,7 @@ typedef struct {
 
 static inline void prefetch_step(prefetcher *pf) {
     for (int32_t k = 0; k < pf->lines_per_step && pf->next < pf->end; k++, pf->next += 64)
-        __builtin_prefetch(pf->next, 0, 3);
+        __builtin_prefetch(pf->next, 0, VFS_PREFETCH_LOCALITY);
 }
 
 #if VFS_USE_BF16
