@@ -20,8 +20,8 @@ from dashboard.search import rank
 # bfloat16 remainder term), so it agrees with float64 to float32 noise. The torch fallback's bfloat16 GEMM rounds
 # each per-cell dot product (and, for a whole-grid box, the weighted query) to 8 significant bits; by
 # Cauchy-Schwarz each rounding costs at most 2^-9 in score units, so two of them plus float32 noise stay < 2^-7.
-TOLERANCE = {"native": 2.0 ** -16, "avx512-bf16": 2.0 ** -16, "avx2": 2.0 ** -16, "portable": 2.0 ** -16,
-             "torch": 2.0 ** -7}
+TOLERANCE = {"native": 2.0 ** -16, "avx512-bf16": 2.0 ** -16, "avx2": 2.0 ** -16, "neon": 2.0 ** -16,
+             "portable": 2.0 ** -16, "torch": 2.0 ** -7}
 BACKENDS = scoring.runnable_scorers()  # every path this CPU runs: an AVX-512 machine tests the AVX2 path too
 SCORE_TOL = max(TOLERANCE.values())
 
@@ -123,8 +123,8 @@ def test_window_score_map_peaks_at_the_reported_window(small_cache):
 
 def test_an_unknown_backend_is_a_clear_error_with_a_suggestion(monkeypatch):
     monkeypatch.setenv("VFS_SEARCH_BACKEND", "portabel")
-    with pytest.raises(QueryError, match="VFS_SEARCH_BACKEND must be one of native, avx512-bf16, avx2, portable, "
-                                         "torch.*'portable'"):
+    with pytest.raises(QueryError, match="VFS_SEARCH_BACKEND must be one of native, avx512-bf16, avx2, neon, "
+                                         "portable, torch.*'portable'"):
         scoring.get_scorer()
     with pytest.raises(QueryError, match="backend must be one of"):
         scoring.get_scorer("gpu")
@@ -186,6 +186,7 @@ def test_picture_share_counts_the_regions_weight_on_the_picture():
     ({"avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"}, "avx512-bf16"),
     ({"avx2", "fma", "avx512f"}, "avx2"),  # AVX-512 without BF16: the AVX2 path
     ({"sse4_2"}, "portable"),
+    ({"fp", "asimd"}, "neon"),  # 64-bit ARM's Features line
 ])
 def test_native_picks_the_best_path_the_cpus_flags_allow(flags, expected, monkeypatch):
     from dashboard.scoring import kernel

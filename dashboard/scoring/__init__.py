@@ -5,6 +5,7 @@
 | `native` | the compiled kernel's best path for this CPU, chosen at run time from its flags |
 | `avx512-bf16` | AVX512-BF16 dot products on the stored bfloat16 values |
 | `avx2` | AVX2+FMA: stored values widened to float32 in registers |
+| `neon` | the same on 64-bit ARM (Graviton, Apple) |
 | `portable` | the compiled kernel's plain C path, on any CPU (to test and compare it) |
 | `torch` | torch operations, for machines without a C compiler (slower, precision ~2^-8) |
 
@@ -36,6 +37,7 @@ SCORERS: dict[str, Scorer] = {
     "native": NativeScorer(None, "native kernel, the best path of this CPU"),
     "avx512-bf16": NativeScorer("avx512-bf16", "native kernel, AVX512-BF16 path"),
     "avx2": NativeScorer("avx2", "native kernel, AVX2+FMA path"),
+    "neon": NativeScorer("neon", "native kernel, NEON path"),
     "portable": NativeScorer("portable", "native kernel, portable C path"),
     "torch": TorchScorer(),
 }

@@ -20,6 +20,8 @@
  * - AVX2+FMA widens 16 stored values at a time to float32 in registers (a bfloat16 is the top half of a
  *   float32: a shift for the even values, a mask for the odd ones) and multiplies them by the float32 terms,
  *   same runs, same blocking: no copy of the image is made, so it streams like the AVX-512 path.
+ * - NEON (64-bit ARM) does what the AVX2 path does with 4-lane registers: the same even/odd widening, the same
+ *   query layout.
  * - The portable path widens the image to float32 once and multiplies it by float32 cells in plain loops.
  */
 #include <math.h>
@@ -35,12 +37,17 @@
 #include <immintrin.h>
 #define VFS_ISA 1
 #define VFS_STEP_VALUES 32
+#elif defined(__aarch64__) && defined(__ARM_NEON) && !defined(VFS_GENERIC)
+#include <arm_neon.h>
+#define VFS_ISA 3
+#define VFS_STEP_VALUES 32
 #else
 #define VFS_ISA 0
 #define VFS_STEP_VALUES 64
 #endif
 #define VFS_USE_BF16 (VFS_ISA == 2)
 #define VFS_STREAMS (VFS_ISA > 0) /* scores straight from the stored values, no widened copy of the image */
+#define VFS_EVEN_ODD (VFS_ISA == 1 || VFS_ISA == 3) /* paths that read the query's even/odd float32 runs */
 
 #define VFS_BLOCK 8 /* windows scored together, sharing each load of the query */
 
@@ -235,6 +242,53 @@ static inline float hsum256(__m256 v) {
             out[j] = hsum256(sum) + tail[j];                                                                    \
         }                                                                                                       \
     }
+#elif VFS_ISA == 3
+static inline float bf16_to_float(uint16_t bits) {
+    const uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
+/* numerators of `NB` windows, as on AVX2 with 4-lane registers: 16 stored values are two 16-byte loads read as
+ * 32-bit lanes; a shift gives the even values as float32, a mask the odd ones, matching the query's even/odd
+ * layout. Two accumulators per window (even and odd products) keep two FMA chains per window in flight. */
+#define VFS_DEFINE_BLOCK(NB)                                                                                    \
+    static void numerators_##NB(const vfs_query *q, const uint16_t *img, const int32_t *base, float *out,       \
+                                prefetcher *pf) {                                                               \
+        const int32_t C = q->channels;                                                                          \
+        const uint32x4_t high = vdupq_n_u32(0xffff0000u);                                                       \
+        float32x4_t acc_even[NB], acc_odd[NB];                                                                  \
+        float tail[NB];                                                                                         \
+        for (int j = 0; j < NB; j++) {                                                                          \
+            acc_even[j] = vdupq_n_f32(0.0f);                                                                    \
+            acc_odd[j] = vdupq_n_f32(0.0f);                                                                     \
+            tail[j] = 0.0f;                                                                                     \
+        }                                                                                                       \
+        for (int32_t t = 0; t < q->n_runs; t++) {                                                              \
+            const float *qv = q->run_values + q->term_starts[t];                                                \
+            const int32_t length = q->term_lengths[t];                                                          \
+            const uint16_t *row[NB];                                                                            \
+            for (int j = 0; j < NB; j++) row[j] = img + (size_t)(base[j] + q->term_offsets[t]) * C;             \
+            int32_t c = 0;                                                                                      \
+            for (; c + 16 <= length; c += 16) {                                                                 \
+                if ((c & (VFS_STEP_VALUES - 1)) == 0) prefetch_step(pf);                                        \
+                const float32x4_t e0 = vld1q_f32(qv + c), e1 = vld1q_f32(qv + c + 4);                           \
+                const float32x4_t o0 = vld1q_f32(qv + c + 8), o1 = vld1q_f32(qv + c + 12);                      \
+                for (int j = 0; j < NB; j++) {                                                                  \
+                    const uint32x4_t a = vreinterpretq_u32_u16(vld1q_u16(row[j] + c));                          \
+                    const uint32x4_t b = vreinterpretq_u32_u16(vld1q_u16(row[j] + c + 8));                      \
+                    acc_even[j] = vfmaq_f32(acc_even[j], vreinterpretq_f32_u32(vshlq_n_u32(a, 16)), e0);        \
+                    acc_even[j] = vfmaq_f32(acc_even[j], vreinterpretq_f32_u32(vshlq_n_u32(b, 16)), e1);        \
+                    acc_odd[j] = vfmaq_f32(acc_odd[j], vreinterpretq_f32_u32(vandq_u32(a, high)), o0);          \
+                    acc_odd[j] = vfmaq_f32(acc_odd[j], vreinterpretq_f32_u32(vandq_u32(b, high)), o1);          \
+                }                                                                                               \
+            }                                                                                                   \
+            for (; c < length; c++)                                                                             \
+                for (int j = 0; j < NB; j++) tail[j] += bf16_to_float(row[j][c]) * qv[c];                        \
+        }                                                                                                       \
+        for (int j = 0; j < NB; j++) out[j] = vaddvq_f32(vaddq_f32(acc_even[j], acc_odd[j])) + tail[j];         \
+    }
 #endif
 
 #if VFS_STREAMS
@@ -305,7 +359,7 @@ int vfs_score_images(const vfs_query *q, const uint16_t *features, const float *
     for (int32_t y = 0, w = 0; y < q->out_h; y++)
         for (int32_t x = 0; x < q->out_w; x++) bases[w++] = y * q->grid_w + x;
     int64_t steps = 0;  /* inner-loop steps per image, to spread the next image's lines over */
-    const int32_t n_terms = VFS_ISA == 1 ? q->n_runs : q->n_terms;
+    const int32_t n_terms = VFS_EVEN_ODD ? q->n_runs : q->n_terms;
     for (int32_t t = 0; t < n_terms; t++) steps += (q->term_lengths[t] + VFS_STEP_VALUES - 1) / VFS_STEP_VALUES;
     steps *= (windows + VFS_BLOCK - 1) / VFS_BLOCK;
     const int64_t lines = (int64_t)((image_values * sizeof(uint16_t) + 63) / 64);

@@ -40,10 +40,11 @@ PATHS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "avx512-bf16": (("avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"),
                     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma"]),
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+    "neon": (("asimd",), []),  # 64-bit ARM (Graviton, Apple): built like the portable path, without VFS_GENERIC
     "portable": ((), ["-DVFS_GENERIC"]),
 }
 VARIANTS = tuple(PATHS)
-ISA_NAMES = {2: "avx512-bf16", 1: "avx2+fma", 0: "portable float32"}
+ISA_NAMES = {2: "avx512-bf16", 1: "avx2+fma", 3: "neon", 0: "portable float32"}
 FLAG_SETS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])  # the portable path's, best first
 MIN_IMAGES_PER_THREAD = 256
 
@@ -251,10 +252,10 @@ _LOAD_LOCK = threading.Lock()
 
 
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is not there)."""
+    """The CPU's feature flags as Linux names them (x86 `flags`, ARM `Features`; empty without /proc/cpuinfo)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
@@ -339,7 +340,7 @@ def _build(variant: str) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{compiler} --version failed: {exc}") from None
     extra = PATHS[variant][1]
-    flag_sets = FLAG_SETS if variant == "portable" else [["-O3", "-mtune=native"], ["-O3"]]
+    flag_sets = FLAG_SETS if variant in ("portable", "neon") else [["-O3", "-mtune=native"], ["-O3"]]
     digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), _machine_key().encode(),
                                         " ".join(extra).encode()])).hexdigest()[:16]
     suffix = ".dylib" if platform.system() == "Darwin" else ".so"

@@ -1,0 +1,113 @@
+"""Every instruction path of kernel.c against the float64 formula, through a small C harness
+(tests/native/kernel_crosscheck.c), including the 64-bit ARM paths, cross-compiled and run under qemu-user.
+
+The cases (query layouts from the real `KernelQuery.build`, stored features, expected scores) are written by
+Python; the harness only reads them, runs the kernel and compares. So a path can be checked on a machine that
+cannot load it into Python. The ARM check needs Debian's `gcc-aarch64-linux-gnu` and `qemu-user` (`.ci/run`
+installs them); without them it skips and says so, except when VFS_REQUIRE_CROSS=1 (as in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache_builder.cache_format import encode_features, from_bfloat16_bits
+from conftest import reference_scores
+from dashboard.region_query import RegionQuery
+from dashboard.scoring.kernel import PATHS, KernelQuery, missing_cpu_flags
+
+HARNESS = Path(__file__).with_name("native") / "kernel_crosscheck.c"
+ISA = {"avx512-bf16": 2, "avx2": 1, "neon": 3, "portable": 0}
+# (images, grid, channels, mask): channel counts around the 16-value steps, so every tail is exercised
+SHAPES = [(7, (5, 6), 16, "cell"), (6, (4, 5), 37, "box"), (5, (3, 4), 24, "full"), (6, (5, 6), 40, "soft"),
+          (4, (7, 7), 112, "box"), (5, (3, 3), 3, "soft"), (6, (6, 4), 48, "holes")]
+
+
+def write_cases(path: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as out:
+        np.array([len(SHAPES)], dtype=np.int64).tofile(out)
+        for n, (grid_h, grid_w), channels, kind in SHAPES:
+            features = np.maximum(rng.normal(size=(n, grid_h, grid_w, channels)), 0).astype(np.float32)
+            bits, sqnorms = encode_features(features)
+            mask = np.zeros((grid_h, grid_w), dtype=np.float32)
+            if kind == "cell":
+                mask[grid_h // 2, grid_w // 2] = 1
+            elif kind == "full":
+                mask[:] = 1
+            elif kind == "holes":
+                mask[1, [0, 3]] = 1
+                mask[2, 1] = 0.5
+            else:
+                mask[1:grid_h - 1, 1:grid_w] = rng.uniform(0.05, 1, size=(grid_h - 2, grid_w - 1)) \
+                    if kind == "soft" else 1
+            query = RegionQuery.from_grid_mask(rng.random((grid_h, grid_w, channels)).astype(np.float32), mask)
+            kq = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
+            expected = reference_scores(from_bfloat16_bits(bits).astype(np.float64),
+                                        query.features.astype(np.float64), query.weights.astype(np.float64))
+            header = [n, grid_h, grid_w, channels, kq.out_h, kq.out_w, len(kq.term_offsets), len(kq.cell_offsets),
+                      kq.n_runs, len(kq.term_bits), len(kq.run_values)]
+            np.array(header, dtype=np.int64).tofile(out)
+            np.array([kq.query_norm], dtype=np.float32).tofile(out)
+            for array, dtype in ((kq.term_offsets, np.int32), (kq.term_lengths, np.int32), (kq.term_starts, np.int64),
+                                 (kq.term_bits, np.uint16), (kq.cell_offsets, np.int32), (kq.cell_weights, np.float32),
+                                 (kq.cell_vectors, np.float32), (kq.run_values, np.float32), (bits, np.uint16),
+                                 (sqnorms, np.float32), (expected, np.float32)):
+                np.ascontiguousarray(array, dtype=dtype).tofile(out)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cases") / "cases.bin"
+    write_cases(path)
+    return path
+
+
+def build_and_run(compiler: str, flags: list[str], cases: Path, out: Path, runner: list[str] = ()) -> str:
+    binary = out / ("harness-" + "-".join(f.strip("-") for f in flags if f.startswith("-m") or f.startswith("-D"))
+                    or "harness")
+    subprocess.run([compiler, "-O3", *flags, "-fno-math-errno", str(HARNESS), "-o", str(binary), "-lm"],
+                   check=True, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*runner, str(binary), str(cases)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("variant", [v for v in PATHS if v != "neon"])
+def test_every_x86_path_this_cpu_runs_matches_the_formula(variant, cases, tmp_path):
+    if missing_cpu_flags(variant) or shutil.which("cc") is None:
+        pytest.skip(f"this machine cannot run the {variant} path ({', '.join(missing_cpu_flags(variant))})")
+    output = build_and_run("cc", PATHS[variant][1], cases, tmp_path)
+    assert output.startswith(f"ok isa={ISA[variant]} cases={len(SHAPES)}")
+
+
+@pytest.mark.parametrize("variant", ["neon", "portable"])
+def test_the_arm_paths_match_the_formula_under_qemu(variant, cases, tmp_path):
+    compiler, emulator = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (compiler and emulator):
+        message = "needs gcc-aarch64-linux-gnu and qemu-user (`sudo apt-get install gcc-aarch64-linux-gnu qemu-user`)"
+        if os.environ.get("VFS_REQUIRE_CROSS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    output = build_and_run(compiler, ["-static", *PATHS[variant][1]], cases, tmp_path, [emulator])
+    assert output.startswith(f"ok isa={ISA[variant]} cases={len(SHAPES)}")
+
+
+def test_the_harness_fails_on_a_wrong_expectation(cases, tmp_path):
+    """The check can fail: one expected score changed by 0.01 is reported."""
+    broken = tmp_path / "broken.bin"
+    data = bytearray(cases.read_bytes())
+    last = len(data) - 4
+    value = np.frombuffer(bytes(data[last:]), dtype=np.float32)[0] + np.float32(0.01)
+    data[last:] = np.array([value], dtype=np.float32).tobytes()
+    broken.write_bytes(bytes(data))
+    binary = tmp_path / "harness"
+    subprocess.run(["cc", "-O3", "-DVFS_GENERIC", str(HARNESS), "-o", str(binary), "-lm"], check=True, timeout=300)
+    done = subprocess.run([str(binary), str(broken)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "expected" in done.stderr
