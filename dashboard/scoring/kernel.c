@@ -128,6 +128,14 @@ static inline void prefetch_step(prefetcher *pf) {
         __builtin_prefetch(pf->next, 0, VFS_PREFETCH_LOCALITY);
 }
 
+/* a bfloat16 is the top half of a float32 */
+static inline float bf16_to_float(uint16_t bits) {
+    const uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
 #if VFS_USE_BF16
 static inline __mmask32 chunk_mask(int32_t remaining) {
     return remaining >= 32 ? (__mmask32)0xffffffffu : (remaining <= 0 ? 0 : (__mmask32)((1u << remaining) - 1u));
@@ -167,13 +175,6 @@ static inline __mmask32 chunk_mask(int32_t remaining) {
             out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));                                     \
     }
 #elif VFS_ISA == 1
-static inline float bf16_to_float(uint16_t bits) {
-    const uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
-
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -243,13 +244,6 @@ static inline float hsum256(__m256 v) {
         }                                                                                                       \
     }
 #elif VFS_ISA == 3
-static inline float bf16_to_float(uint16_t bits) {
-    const uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
-
 /* numerators of `NB` windows, as on AVX2 with 4-lane registers: 16 stored values are two 16-byte loads read as
  * 32-bit lanes; a shift gives the even values as float32, a mask the odd ones, matching the query's even/odd
  * layout. Two accumulators per window (even and odd products) keep two FMA chains per window in flight. */
