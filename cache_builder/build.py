@@ -170,12 +170,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return fmt.read_json_object(path)
+    except ValueError as exc:
         raise BuildError(f"{path} is damaged ({exc}); pass --overwrite to rebuild this cache") from None
-    if not isinstance(data, dict):
-        raise BuildError(f"{path} is damaged (not a JSON object); pass --overwrite to rebuild this cache")
-    return data
 
 
 def remove_cache_files(out: Path) -> None:

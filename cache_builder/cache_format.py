@@ -170,18 +170,26 @@ def write_manifest(cache_dir: Path, manifest: Manifest) -> None:
     write_json_atomic(Path(cache_dir) / MANIFEST_FILE, manifest.to_json())
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file (manifest, build state); ValueError saying why when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
 def read_manifest(cache_dir: Path) -> Manifest:
     """Parse the manifest without judging it; `check_manifest` decides whether it is usable."""
     path = Path(cache_dir) / MANIFEST_FILE
     if not path.is_file():
         raise CacheError(f"{cache_dir} is not a feature cache (no {MANIFEST_FILE})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Manifest.from_dict(read_json_object(path))
+    except ValueError as exc:
         raise CacheError(f"{path} is unreadable: {exc}") from None
-    if not isinstance(data, dict):
-        raise CacheError(f"{path} is not a JSON object")
-    return Manifest.from_dict(data)
 
 
 def check_manifest(manifest: Manifest, cache_dir: Path) -> None:
