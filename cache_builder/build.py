@@ -293,7 +293,8 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
                 output = extractor(batch["tensor"].to(device, non_blocking=True))
             maps = output.float().permute(0, 2, 3, 1).cpu().numpy()
             if frames is not None:  # padding is no picture: its cells hold zeros and are never matched
-                maps *= _content_mask(batch["content"], grid, image_size)[..., None]
+                cells = fmt.content_cells(np.asarray(batch["content"]), grid, image_size)
+                maps *= fmt.content_mask(cells, grid)[..., None]
             bits, norms = fmt.encode_features(maps)
             t_write = time.perf_counter()
             timings["model_s"] = timings.get("model_s", 0.0) + t_write - t_model
@@ -320,16 +321,6 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         if on_progress is not None:
             on_progress(state["done"], n)
     del features, sqnorms, frames
-
-
-def _content_mask(boxes: list[tuple[int, int, int, int]], grid: tuple[int, int],
-                  image_size: tuple[int, int]) -> np.ndarray:
-    """(B, H, W) 1 on the cells that show the picture, 0 on padding."""
-    cells = fmt.content_cells(np.asarray(boxes), grid, image_size)
-    rows, cols = np.arange(grid[0]), np.arange(grid[1])
-    inside_rows = (rows >= cells[:, 0:1]) & (rows < cells[:, 2:3])
-    inside_cols = (cols >= cells[:, 1:2]) & (cols < cells[:, 3:4])
-    return (inside_rows[:, :, None] & inside_cols[:, None, :]).astype(np.float32)
 
 
 def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:

@@ -247,6 +247,15 @@ def content_cells(boxes: np.ndarray, grid: tuple[int, int], image_size: tuple[in
     return np.clip(cells, 0, [grid_h, grid_w, grid_h, grid_w]).astype(np.int64)
 
 
+def content_mask(cells: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) True on the cells inside each (r0, c0, r1, c1) cell box of `content_cells`, False on padding."""
+    cells = np.asarray(cells).reshape(-1, 4)
+    rows, cols = np.arange(grid[0]), np.arange(grid[1])
+    inside_rows = (rows >= cells[:, 0:1]) & (rows < cells[:, 2:3])
+    inside_cols = (cols >= cells[:, 1:2]) & (cols < cells[:, 3:4])
+    return inside_rows[:, :, None] & inside_cols[:, None, :]
+
+
 def open_arrays(cache_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """(features bits, squared norms) of a checked manifest's cache, memory-mapped."""
     cache_dir = Path(cache_dir)

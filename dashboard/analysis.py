@@ -144,6 +144,14 @@ def dataset_mismatch(paths_a: Sequence[str], paths_b: Sequence[str]) -> str | No
     return None
 
 
+def framing_mismatch(frame_a: str, size_a: tuple[int, int], frame_b: str, size_b: tuple[int, int]) -> str | None:
+    """Why a region drawn on one cache's images is not the same pixels on the other's (None when it is)."""
+    if (frame_a, tuple(size_a)) == (frame_b, tuple(size_b)):
+        return None
+    return (f"they frame the images differently ({frame_a} {size_a[1]}x{size_a[0]} and {frame_b} "
+            f"{size_b[1]}x{size_b[0]}), so a region drawn on one is not the same pixels on the other")
+
+
 MAX_GROUPS = 60
 
 

@@ -13,6 +13,10 @@ import numpy as np
 from PIL import Image
 
 
+DISPLAY_SIZE = 448  # the drawing canvas's short side: twice the model's usual 224 so a brush can be precise
+MAX_DISPLAY_WIDTH = 760  # a wide frame is shown whole, at its aspect ratio, within a laptop's page width
+
+
 class QueryError(ValueError):
     """A region or search option that cannot be searched; the message says what to change."""
 
@@ -34,6 +38,15 @@ def window_pixels(row, col, height: int, width: int, grid: tuple[int, int], imag
     x1 = cell_to_pixel(np.asarray(col) + width, size_x, grid_w)
     y1 = cell_to_pixel(np.asarray(row) + height, size_y, grid_h)
     return x0, y0, x1, y1
+
+
+def display_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the canvas for an image of (width, height) `size`: the whole picture at its aspect
+    ratio, its short side DISPLAY_SIZE (or its own, if larger), its width at most MAX_DISPLAY_WIDTH."""
+    width, height = size
+    scale = max(DISPLAY_SIZE, min(width, height)) / min(width, height)
+    scale = min(scale, max(MAX_DISPLAY_WIDTH, width) / width)
+    return round(width * scale), round(height * scale)
 
 
 def window_region(grid: tuple[int, int], row: int, col: int, height: int, width: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cache_builder.cache_format import CacheError, Manifest, content_cells
+from cache_builder.cache_format import CacheError, Manifest, content_cells, content_mask
 from cache_builder.errors import BuildError
 from cache_builder.models import FeatureExtractor, Preprocessing, load_model
 
@@ -48,8 +48,6 @@ def encode_image(manifest: Manifest, image: Image.Image) -> EncodedImage:
     features = np.ascontiguousarray(output[0].permute(1, 2, 0).float().numpy())
     if features.shape != tuple(manifest.grid):
         raise CacheError(f"the model gives a {features.shape} grid but the cache holds {tuple(manifest.grid)}")
-    r0, c0, r1, c1 = (int(v) for v in content_cells(np.array([box]), features.shape[:2], manifest.image_size)[0])
-    outside = np.ones(features.shape[:2], dtype=bool)
-    outside[r0:r1, c0:c1] = False
-    features[outside] = 0
-    return EncodedImage(framed, features, (r0, c0, r1, c1))
+    cells = content_cells(np.array([box]), features.shape[:2], manifest.image_size)
+    features[~content_mask(cells, features.shape[:2])[0]] = 0  # padding holds zeros, as in the cache
+    return EncodedImage(framed, features, tuple(int(v) for v in cells[0]))

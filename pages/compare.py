@@ -19,10 +19,8 @@ with st.sidebar:
     k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=10, key="compare-k")
 problem = analysis.dataset_mismatch(cache_a.metadata.rows(None, ["path"])["path"],
                                     cache_b.metadata.rows(None, ["path"])["path"])
-if not problem and (cache_a.manifest.frame, cache_a.image_size) != (cache_b.manifest.frame, cache_b.image_size):
-    problem = (f"they frame the images differently ({cache_a.manifest.frame} {cache_a.image_size[1]}x"
-               f"{cache_a.image_size[0]} and {cache_b.manifest.frame} {cache_b.image_size[1]}x"
-               f"{cache_b.image_size[0]}), so a region drawn on one is not the same pixels on the other")
+problem = problem or analysis.framing_mismatch(cache_a.manifest.frame, cache_a.image_size,
+                                               cache_b.manifest.frame, cache_b.image_size)
 if problem:
     st.error(f"{entry_a.name} and {entry_b.name} cannot be compared: {problem}")
     st.stop()

@@ -126,7 +126,7 @@ for start in range(0, len(hits), HITS_PER_ROW):
         picture = rendering.draw_window(picture, (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
         column.image(picture, width="stretch")
         column.markdown(f"**#{hit['rank']}** · {hit['score']:.3f} · id {hit_id}")
-        known = [format_value(hit[c]) for c in caption_columns if format_value(hit[c]) != "–"]
+        known = [v for v in (format_value(hit[c]) for c in caption_columns) if v != "–"]
         if known:
             column.caption(" · ".join(known))
         column.button("Search from here", key=f"requery-{hit_id}", on_click=session.search_from_hit,

@@ -141,6 +141,12 @@ def test_overlap():
     assert analysis.overlap([1], [])["jaccard"] == 0.0
 
 
+def test_framing_mismatch():
+    assert analysis.framing_mismatch("crop", (224, 224), "crop", (224, 224)) is None
+    problem = analysis.framing_mismatch("crop", (224, 224), "fit", (224, 384))
+    assert "crop 224x224 and fit 384x224" in problem
+
+
 def test_dataset_mismatch():
     assert analysis.dataset_mismatch(["a", "b"], ["a", "b"]) is None
     assert "2 and 3" in analysis.dataset_mismatch(["a", "b"], ["a", "b", "c"])

@@ -57,3 +57,10 @@ def test_a_window_becomes_a_region_and_a_region_covers_its_pixels():
     assert region.sum() == 6 and region[1:3, 2:5].all()
     pixels = geometry.per_pixel(region, (48, 48))
     assert pixels.shape == (48, 48) and mask_to_grid(pixels, (5, 6)).tolist() == region.tolist()
+
+
+def test_the_canvas_shows_a_square_at_448_and_a_wide_frame_whole_within_the_page():
+    assert geometry.display_size((224, 224)) == (448, 448)
+    assert geometry.display_size((384, 224)) == (760, 443)  # 16:9 kept, capped at MAX_DISPLAY_WIDTH
+    assert geometry.display_size((224, 384)) == (448, 768)  # portrait: the short side sets the scale
+    assert geometry.display_size((1000, 800)) == (1000, 800)  # never shrunk below its own size

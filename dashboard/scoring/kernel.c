@@ -136,6 +136,19 @@ static inline float bf16_to_float(uint16_t bits) {
     return value;
 }
 
+/* where run `offset` of each of `nb` windows starts in the image */
+static inline void window_rows(const uint16_t *img, const int32_t *base, int32_t offset, int32_t channels, int nb,
+                               const uint16_t **row) {
+    for (int j = 0; j < nb; j++) row[j] = img + (size_t)(base[j] + offset) * channels;
+}
+
+/* the values [from, length) of a run that the vector loop left over, in scalar code (query values in order) */
+static inline void run_tail(const uint16_t *const *row, const float *qv, int32_t from, int32_t length, int nb,
+                            float *tail) {
+    for (int32_t c = from; c < length; c++)
+        for (int j = 0; j < nb; j++) tail[j] += bf16_to_float(row[j][c]) * qv[c];
+}
+
 #if VFS_USE_BF16
 static inline __mmask32 chunk_mask(int32_t remaining) {
     return remaining >= 32 ? (__mmask32)0xffffffffu : (remaining <= 0 ? 0 : (__mmask32)((1u << remaining) - 1u));
@@ -157,8 +170,7 @@ static inline __mmask32 chunk_mask(int32_t remaining) {
             const uint16_t *qv = q->term_bits + q->term_starts[t];                                              \
             const int32_t length = q->term_lengths[t];                                                          \
             const uint16_t *row[NB];                                                                            \
-            _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                                \
-                row[j] = img + (size_t)(base[j] + q->term_offsets[t]) * C;                                      \
+            window_rows(img, base, q->term_offsets[t], C, NB, row);                                             \
             for (int32_t c = 0; c < length; c += 64) {                                                          \
                 prefetch_step(pf);                                                                              \
                 const __mmask32 m0 = chunk_mask(length - c), m1 = chunk_mask(length - c - 32);                  \
@@ -207,8 +219,7 @@ static inline float hsum256(__m256 v) {
             const float *qv = q->run_values + q->term_starts[t];                                                \
             const int32_t length = q->term_lengths[t];                                                          \
             const uint16_t *row[NB];                                                                            \
-            _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                                \
-                row[j] = img + (size_t)(base[j] + q->term_offsets[t]) * C;                                      \
+            window_rows(img, base, q->term_offsets[t], C, NB, row);                                             \
             int32_t c = 0;                                                                                      \
             for (; c + 16 * ACCS <= length; c += 16 * ACCS) {                                                   \
                 prefetch_step(pf);                                                                              \
@@ -234,8 +245,7 @@ static inline float hsum256(__m256 v) {
                                                 acc[j][0]);                                                     \
                 }                                                                                               \
             }                                                                                                   \
-            for (; c < length; c++)                                                                             \
-                for (int j = 0; j < NB; j++) tail[j] += bf16_to_float(row[j][c]) * qv[c];                        \
+            run_tail(row, qv, c, length, NB, tail);                                                             \
         }                                                                                                       \
         _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                                  \
             __m256 sum = acc[j][0];                                                                             \
@@ -263,7 +273,7 @@ static inline float hsum256(__m256 v) {
             const float *qv = q->run_values + q->term_starts[t];                                                \
             const int32_t length = q->term_lengths[t];                                                          \
             const uint16_t *row[NB];                                                                            \
-            for (int j = 0; j < NB; j++) row[j] = img + (size_t)(base[j] + q->term_offsets[t]) * C;             \
+            window_rows(img, base, q->term_offsets[t], C, NB, row);                                             \
             int32_t c = 0;                                                                                      \
             for (; c + 16 <= length; c += 16) {                                                                 \
                 if ((c & (VFS_STEP_VALUES - 1)) == 0) prefetch_step(pf);                                        \
@@ -278,8 +288,7 @@ static inline float hsum256(__m256 v) {
                     acc_odd[j] = vfmaq_f32(acc_odd[j], vreinterpretq_f32_u32(vandq_u32(b, high)), o1);          \
                 }                                                                                               \
             }                                                                                                   \
-            for (; c < length; c++)                                                                             \
-                for (int j = 0; j < NB; j++) tail[j] += bf16_to_float(row[j][c]) * qv[c];                        \
+            run_tail(row, qv, c, length, NB, tail);                                                             \
         }                                                                                                       \
         for (int j = 0; j < NB; j++) out[j] = vaddvq_f32(vaddq_f32(acc_even[j], acc_odd[j])) + tail[j];         \
     }

@@ -14,6 +14,7 @@ folder gets its own build. Compiling takes about a second, once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -173,17 +174,14 @@ class SearchKernel:
         streaming-read yardstick of the benchmarks. Returns a checksum."""
         if not array.flags.c_contiguous:
             raise ValueError("read_bytes needs a C-contiguous array")
-        threads = max(1, threads or torch.get_num_threads())
-        bounds = np.linspace(0, array.nbytes, threads + 1).astype(np.int64) // 64 * 64
-        bounds[-1] = array.nbytes
-        base = array.ctypes.data
+        base, lines = array.ctypes.data, -(-array.nbytes // 64)  # split on 64-byte lines, the last one maybe short
 
-        def run(part: int) -> int:
-            return self._read(base + int(bounds[part]), int(bounds[part + 1] - bounds[part]))
+        def read(lo: int, hi: int) -> int:
+            start, stop = 64 * lo, min(64 * hi, array.nbytes)
+            return self._read(base + start, stop - start)
 
-        parts = list(_pool().map(run, range(threads))) if threads > 1 else [run(0)]
         checksum = 0
-        for value in parts:
+        for value in _in_parts(lines, threads or torch.get_num_threads(), read):
             checksum ^= value
         return checksum
 
@@ -205,10 +203,8 @@ class SearchKernel:
         every = np.empty((count, query.windows), dtype=np.float32) if with_all else None
         struct = query.struct()
         threads = max(1, min(threads or torch.get_num_threads(), count // MIN_IMAGES_PER_THREAD))
-        bounds = np.linspace(0, count, threads + 1).astype(np.int64)
 
-        def run(part: int) -> int:
-            lo, hi = int(bounds[part]), int(bounds[part + 1])
+        def run(lo: int, hi: int) -> int:
             return self._score(
                 ctypes.byref(struct), features.data_ptr(), sqnorms.ctypes.data,
                 None if ids is None else ids.ctypes.data + 8 * lo, 0 if ids is not None else lo, hi - lo,
@@ -216,8 +212,7 @@ class SearchKernel:
                 None if every is None else every.ctypes.data + 4 * lo * query.windows,
             )
 
-        codes = list(_pool().map(run, range(threads))) if threads > 1 else [run(0)]
-        if any(codes):
+        if any(_in_parts(count, threads, run)):
             raise MemoryError("the search kernel could not allocate its per-call scratch memory")
         return scores, windows, every
 
@@ -230,6 +225,16 @@ def _check_inputs(query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarra
     if (sqnorms.dtype != np.float32 or sqnorms.shape != (features.shape[0], *query.grid)
             or not sqnorms.flags.c_contiguous):
         raise ValueError(f"sqnorms must be a contiguous (N, {shape[0]}, {shape[1]}) float32 array")
+
+
+def _in_parts(count: int, threads: int, run) -> list:
+    """`run(lo, hi)` over `threads` equal slices of range(count), on the shared pool; their results."""
+    threads = max(1, threads)
+    bounds = np.linspace(0, count, threads + 1).astype(np.int64)
+    slices = [(int(bounds[k]), int(bounds[k + 1])) for k in range(threads)]
+    if threads == 1:
+        return [run(*slices[0])]
+    return list(_pool().map(lambda part: run(*part), slices))
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -251,6 +256,7 @@ _LOADED: dict[str, SearchKernel | KernelUnavailable] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux names them (x86 `flags`, ARM `Features`; empty without /proc/cpuinfo)."""
     try:

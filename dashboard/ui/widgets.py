@@ -13,8 +13,6 @@ from dashboard.metadata import MetadataFilter, MetadataStore
 from dashboard.rendering import grid_overlay
 from dashboard.ui.resources import caches_root, load_cache
 
-DISPLAY_SIZE = 448  # the drawing canvas's short side: twice the model's usual 224 so a brush can be precise
-MAX_DISPLAY_WIDTH = 760  # a wide frame is shown whole, at its aspect ratio, within a laptop's page width
 REGION_OVERRIDE_KEY = "region_override"  # grid weights that replace the canvas: AppTest cannot draw
 
 
@@ -98,15 +96,6 @@ def filters_ui(store: MetadataStore, initial: MetadataFilter, key: str) -> Metad
     return MetadataFilter(equals=equals, ranges=ranges, contains_any=contains)
 
 
-def display_size(size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of the canvas for an image of `size`: the whole picture at its aspect ratio, its short
-    side DISPLAY_SIZE (or its own, if larger), its width at most MAX_DISPLAY_WIDTH."""
-    width, height = size
-    scale = max(DISPLAY_SIZE, min(width, height)) / min(width, height)
-    scale = min(scale, max(MAX_DISPLAY_WIDTH, width) / width)
-    return round(width * scale), round(height * scale)
-
-
 def region_ui(image: Image.Image, grid: tuple[int, int], key: str, show_grid: bool = False,
               mode: str = "freedraw", stroke_width: int = 30) -> np.ndarray | None:
     """Draw on the image as the model sees it; returns the region as (H, W) grid weights, None until drawn.
@@ -117,7 +106,7 @@ def region_ui(image: Image.Image, grid: tuple[int, int], key: str, show_grid: bo
     # imported here: the component declares itself on import, which fails outside a running app (tests, CLI)
     from streamlit_drawable_canvas import st_canvas
 
-    width, height = display_size(image.size)
+    width, height = geometry.display_size(image.size)
     background = image.resize((width, height), Image.Resampling.NEAREST)
     if show_grid:
         background = grid_overlay(background, grid)
