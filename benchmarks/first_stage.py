@@ -35,7 +35,7 @@ from dashboard.search import rank  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata" / "imagenet200"
 OUT = ROOT / "benchmarks" / "out" / "first-stage"
-RERANK = (0.005, 0.01, 0.03)
+RERANK = (0.002, 0.005, 0.01, 0.02)
 
 
 def augmented_cache() -> Path:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from cache_builder import __version__
 from cache_builder.errors import BuildError
 from cache_builder.framing import Framing, choose_framing
+from cache_builder.index import ensure_index, remove_index
 from cache_builder.metadata_table import write_metadata
 from cache_builder.models import FeatureExtractor, LoadedModel, Preprocessing, load_model
 from cache_builder.sources import Source, SourceItem, open_item
@@ -54,6 +55,7 @@ class BuildOptions:
     overwrite: bool = False
     limit: int | None = None
     frame: str = "auto"  # "auto" | "crop" | "fit" (see cache_builder.framing)
+    index: bool = True  # also build the first-stage index of two-tier search (cache_builder.index)
 
 
 @dataclass
@@ -181,22 +183,7 @@ def remove_cache_files(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES):
         shutil.rmtree(out / name, ignore_errors=True)
-
-
-def _allocate_array(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
-    """A zero-filled .npy file whose disk space is reserved now, before rows are written through a memory map.
-
-    Left sparse, the file takes its blocks as rows are written, and a memory-mapped write that finds the disk
-    full kills the process with SIGBUS: no message, no cleanup. Reserved, a full disk is an OSError (ENOSPC)
-    here, reported in one line by the CLI. (No reservation where the OS has no posix_fallocate, e.g. macOS.)
-    """
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    if hasattr(os, "posix_fallocate"):
-        with open(path, "r+b") as fh:
-            try:
-                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, str(path)) from None
+    remove_index(out)
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
@@ -235,8 +222,10 @@ def build_cache(
     state = prepare_output(out, plan.fingerprint, options.overwrite)
     if state is None and (out / fmt.MANIFEST_FILE).is_file():
         manifest = fmt.read_manifest(out)
-        if manifest.status == fmt.STATUS_COMPLETE:
-            return manifest  # same fingerprint, already complete: nothing to do
+        if manifest.status == fmt.STATUS_COMPLETE:  # same fingerprint, already complete: at most an index to finish
+            if options.index:
+                ensure_index(out)
+            return manifest
     h, w, c = plan.grid
     n = len(plan.items)
     if state is None:
@@ -245,10 +234,10 @@ def build_cache(
         _save_state(out, state)  # first: whatever fails next, a rerun recognises the folder and resumes
     fmt.write_manifest(out, _manifest_for(plan, state, fmt.STATUS_BUILDING))
     if state["done"] == 0:  # nothing extracted yet: (re)create the partial arrays
-        _allocate_array(out / PARTIAL_FEATURES, np.uint16, (n, h, w, c))
-        _allocate_array(out / PARTIAL_SQNORMS, np.float32, (n, h, w))
+        fmt.allocate_array(out / PARTIAL_FEATURES, np.uint16, (n, h, w, c))
+        fmt.allocate_array(out / PARTIAL_SQNORMS, np.float32, (n, h, w))
         if plan.framing.mode == "fit":
-            _allocate_array(out / PARTIAL_FRAMES, np.int32, (n, 4))
+            fmt.allocate_array(out / PARTIAL_FRAMES, np.int32, (n, 4))
         (out / PARTIAL_IMAGES).mkdir(exist_ok=True)
 
     if state["done"] < n:
@@ -258,6 +247,8 @@ def build_cache(
     manifest = _manifest_for(plan, state, fmt.STATUS_COMPLETE)
     fmt.write_manifest(out, manifest)
     (out / STATE_FILE).unlink(missing_ok=True)
+    if options.index:  # after `complete`: an interrupted index build leaves a searchable cache
+        ensure_index(out)
     return manifest
 
 
@@ -339,7 +330,7 @@ def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
             continue
         source = np.load(out / partial, mmap_mode="r")
         tmp = out / f".{final}.tmp"
-        _allocate_array(tmp, source.dtype, (len(keep),) + source.shape[1:])
+        fmt.allocate_array(tmp, source.dtype, (len(keep),) + source.shape[1:])
         target = np.load(tmp, mmap_mode="r+")
         step = 4096
         for start in range(0, len(keep), step):

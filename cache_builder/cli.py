@@ -76,7 +76,20 @@ def make_parser() -> argparse.ArgumentParser:
                        help="iwildcam sources: only this split (repeatable; train, id_val, id_test, val, test)")
     build.add_argument("--domain-locations", metavar="FILE",
                        help="coco-cameratraps sources: file of in-domain locations, one per line; others are out")
+    build.add_argument("--no-index", action="store_true",
+                       help="skip the first-stage index of two-tier search (add it later with `index`)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    index = commands.add_parser(
+        "index", help="add (or rebuild) a cache's first-stage index for two-tier search",
+        description="Project every cell of a complete cache onto its top principal directions: the first stage "
+        "of `--mode approx` searches, whose candidates are then reranked exactly. Rerunning an interrupted "
+        "command resumes it; the cache stays searchable meanwhile.",
+    )
+    index.add_argument("cache", type=Path, help="cache folder")
+    index.add_argument("--dims", type=int, help="dimensions kept per cell (default: 64, at most half the "
+                       "channels)")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = commands.add_parser(
         "layers", help="list a model's modules with their output shapes",
@@ -113,7 +126,7 @@ def run_build(args: argparse.Namespace) -> int:
             print(f"note: {source.spec}: {remark}", file=sys.stderr)
     options = BuildOptions(model=args.model, layer=args.layer, weights=args.weights, image_size=args.image_size,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
-                           overwrite=args.overwrite, limit=args.limit, frame=args.frame)
+                           overwrite=args.overwrite, limit=args.limit, frame=args.frame, index=not args.no_index)
     progress = None if args.quiet else _TqdmProgress()
     try:
         manifest = build_cache(sources, args.out, options, on_progress=progress)
@@ -128,17 +141,32 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_index(args: argparse.Namespace) -> int:
+    from cache_builder.index import build_index
+
+    progress = None if args.quiet else _TqdmProgress("indexing")
+    try:
+        index = build_index(args.cache, args.dims, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(f"index complete: {args.cache / 'index'} ({index.dims} dimensions per cell, {index.energy:.0%} of the "
+          f"features' energy, {index.nbytes / 2**20:,.1f} MiB, built in {index.built_s:.1f} s)")
+    return 0
+
+
 class _TqdmProgress:
     """tqdm shows images/s and the ETA; created lazily so a finished cache prints no empty bar."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "extracting") -> None:
         self.bar = None
+        self.desc = desc
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=total, initial=0, unit="img", desc="extracting", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=0, unit="img", desc=self.desc, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -181,6 +209,12 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"images      {manifest.image_count} cached, {len(manifest.skipped)} skipped")
     for source in manifest.sources:
         print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
+    try:
+        index = fmt.open_index(args.cache, manifest)
+        print(f"index       {index.dims} dimensions per cell ({index.energy:.0%} of the energy), "
+              f"{index.nbytes / 2**20:,.1f} MiB: `--mode approx` searches")
+    except fmt.IndexUnusable as exc:
+        print(f"index       none usable ({exc.problem}): searches are exact")
     for column, counts in column_summaries(args.cache / fmt.METADATA_FILE).items():
         print(f"column      {column}: {counts}")
     return 0
@@ -202,7 +236,7 @@ def closed_pipe_exit() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"build": run_build, "layers": run_layers, "info": run_info}
+    handlers = {"build": run_build, "index": run_index, "layers": run_layers, "info": run_info}
     try:
         return handlers[args.command](args)
     except BrokenPipeError:

@@ -17,7 +17,8 @@ from dashboard.feature_cache import FeatureCache
 from dashboard.geometry import QueryError, box_mask, display_mask_to_grid
 from dashboard.metadata import FilterError, MetadataFilter
 from dashboard.query_encoder import encode_image
-from dashboard.search import SearchRequest, search_regions
+from dashboard.search import SEARCH_MODES, SearchRequest, search_regions
+from dashboard.two_tier import mode_summary
 from dashboard.uploads import UploadError, read_upload
 
 
@@ -42,6 +43,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "repeat a column to allow several values")
     search.add_argument("--exclude-query", action="store_true", help="leave the query image out of the hits")
     search.add_argument("--per", metavar="GROUP_COLUMN", help="keep only the best image per value of this column")
+    search.add_argument("--mode", choices=SEARCH_MODES, default="auto",
+                        help="exact: score every image; approx: two-tier (first-stage index, then an exact rerank "
+                        "of its best candidates); auto (default): exact while the cache fits in RAM")
+    search.add_argument("--rerank", type=int, metavar="N", help="two-tier: candidates reranked exactly "
+                        "(default: 2%% of the searched images, at least 1,000)")
     search.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default: csv)")
     return parser
 
@@ -88,9 +94,14 @@ def run_search(args: argparse.Namespace) -> int:
     request = SearchRequest(
         cache=cache, weights=display_mask_to_grid(mask, cache.image_size, cache.grid), image_id=args.image_id,
         features=features, content=content, k=args.k, flt=parse_filters(args.filter, cache.metadata),
-        per_group=args.per, exclude_query=args.exclude_query,
+        per_group=args.per, exclude_query=args.exclude_query, mode=args.mode, rerank=args.rerank,
     )
-    hits = search_regions(request).hits
+    result = search_regions(request)
+    hits = result.hits
+    if result.mode.warning:
+        print(f"warning: {result.mode.warning}", file=sys.stderr)
+    if "approx" in (args.mode, result.mode.mode):  # two-tier ran, or was asked for and why it did not
+        print(f"note: {mode_summary(result.mode)}", file=sys.stderr)
     sys.stdout.write(export.to_csv(hits) if args.format == "csv" else export.to_json(hits) + "\n")
     return 0
 

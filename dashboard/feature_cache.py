@@ -6,7 +6,7 @@ session of the process (and by every process on the machine), and the OS evicts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ class FeatureCache:
     sqnorms: np.ndarray  # (N, H, W) float32 memmap
     metadata: MetadataStore
     frames: np.ndarray | None = None  # (N, 4) pixel boxes of the picture (whole-frame caches), None when cropped
+    _index: fmt.FirstStageIndex | None = field(default=None, repr=False)
+    _scattered: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureCache":
@@ -84,6 +86,23 @@ class FeatureCache:
     def features(self) -> torch.Tensor:
         """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy); never write through it."""
         return tensor_view(self.features_bits).view(torch.bfloat16)
+
+    def first_stage(self) -> fmt.FirstStageIndex:
+        """The two-tier search's first-stage index, opened and checked once; IndexUnusable says why there is none
+        (looked for again at each call, so an index added while the app runs is found)."""
+        if self._index is None:
+            self._index = fmt.open_index(self.path, self.manifest)
+        return self._index
+
+    def scattered_features_bits(self) -> np.ndarray:
+        """The features mapped for reading scattered rows (a two-tier rerank): see `fmt.open_scattered`."""
+        if self._scattered is None:
+            self._scattered = fmt.open_scattered(self.path / fmt.FEATURES_FILE, self.features_bits)
+        return self._scattered
+
+    def index_codes(self) -> torch.Tensor:
+        """(N, H, W, d) bfloat16 view of the first stage's projected cells (no copy)."""
+        return tensor_view(self.first_stage().codes_bits).view(torch.bfloat16)
 
     def image_features(self, image_id: int) -> np.ndarray:
         """(H, W, C) float32 features of one cached image: a query that needs no model run."""

@@ -47,6 +47,11 @@ class RegionQuery:
             raise QueryError("the region's features are all zero at this layer, so no similarity is defined")
         return cls(features=cropped, weights=box_weights, top=int(top), left=int(left), grid=(h, w))
 
+    def projected(self, basis: np.ndarray) -> "RegionQuery":
+        """The same region with its features projected onto `basis` (C, d): the query of a first-stage index."""
+        features = round_to_storage(self.features @ np.asarray(basis, dtype=np.float32))
+        return RegionQuery(features=features, weights=self.weights, top=self.top, left=self.left, grid=self.grid)
+
     @property
     def box(self) -> tuple[int, int]:
         """(h, w): the window size in cells."""

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dashboard import geometry, scoring
+from dashboard import geometry, scoring, two_tier
 from dashboard.feature_cache import FeatureCache
 from dashboard.geometry import QueryError
 from dashboard.metadata import MetadataFilter
 from dashboard.region_query import RegionQuery
 
 HIT_COLUMNS = ["rank", "id", "path", "score", "row", "col", "height", "width", "x0", "y0", "x1", "y1"]
-SEARCH_MODES = ("exact",)  # every image scored exactly; a first-stage index adds "approx" and "auto"
+SEARCH_MODES = two_tier.MODES  # auto | exact | approx (see dashboard.two_tier)
 
 __all__ = ["HIT_COLUMNS", "SEARCH_MODES", "QueryError", "RegionQuery", "SearchRequest", "SearchResult", "heat_maps",
            "rank", "search_regions"]
@@ -42,8 +42,9 @@ class SearchRequest:
     flt: MetadataFilter = field(default_factory=MetadataFilter)
     per_group: str | None = None
     exclude_query: bool = False
-    mode: str = "exact"
+    mode: str = "auto"  # exact while the cache fits in RAM, else two-tier where it has an index
     backend: str | None = None  # a scorer name (dashboard.scoring.SCORERS); None = configured/automatic
+    rerank: int | None = None  # two-tier: first-stage candidates reranked exactly (None: dashboard.two_tier's rule)
 
     def __post_init__(self) -> None:
         if (self.image_id is None) == (self.features is None):
@@ -54,6 +55,8 @@ class SearchRequest:
             raise QueryError(f"k must be at least 1 (got {self.k})")
         if self.mode not in SEARCH_MODES:
             raise QueryError(f"search mode must be one of {', '.join(SEARCH_MODES)} (got {self.mode!r})")
+        if self.rerank is not None and self.rerank < 1:
+            raise QueryError(f"the rerank depth must be at least 1 (got {self.rerank})")
         if self.exclude_query and self.image_id is None:
             raise QueryError("only a cached query image can be excluded (an uploaded image is not in the cache)")
         if self.per_group is not None and self.per_group not in self.cache.metadata.column_types:
@@ -88,7 +91,7 @@ class SearchRequest:
         digest = hashlib.sha256()
         manifest = self.cache.manifest
         for part in (str(self.cache.path), manifest.created, manifest.fingerprint, self.image_id, self.content, self.k,
-                     repr(self.flt), self.per_group, self.exclude_query, self.mode, self.backend):
+                     repr(self.flt), self.per_group, self.exclude_query, self.mode, self.backend, self.rerank):
             digest.update(repr(part).encode() + b"\0")
         for array in (self.weights, self.features):
             if array is not None:
@@ -99,8 +102,9 @@ class SearchRequest:
 
 @dataclass
 class SearchResult:
-    """`hits`: the ranked top-k with windows and metadata (the CSV export). `scores`: every searched image's
-    best score. `searched`: the metadata of every searched image, in `scores` order."""
+    """`hits`: the ranked top-k with windows and metadata (the CSV export), exact scores in every mode.
+    `scores`: every searched image's best score, from the first stage when `approximate_scores` (two-tier).
+    `searched`: the metadata of every searched image, in `scores` order. `mode`: how it ran and why."""
 
     hits: pd.DataFrame
     scores: pd.DataFrame  # columns id, score
@@ -108,6 +112,12 @@ class SearchResult:
     query: RegionQuery
     backend: str
     elapsed_s: float
+    mode: two_tier.ModeChoice = two_tier.ModeChoice("exact", "every image scored exactly")
+    reranked: int = 0  # two-tier: images scored exactly after the first stage
+
+    @property
+    def approximate_scores(self) -> bool:
+        return self.mode.mode == "approx"
 
     @property
     def searched_count(self) -> int:
@@ -117,7 +127,8 @@ class SearchResult:
 def search_regions(request: SearchRequest) -> SearchResult:
     """The top-k images of the request's cache for its region, restricted to the rows passing its filter.
 
-    k larger than the candidate set returns every candidate; an empty candidate set returns no hits.
+    k larger than the candidate set returns every candidate; an empty candidate set returns no hits. Two-tier
+    (approx) searches rerank the first stage's best candidates exactly, so hits carry exact scores and windows.
     """
     started = time.perf_counter()
     cache, store = request.cache, request.cache.metadata
@@ -126,20 +137,31 @@ def search_regions(request: SearchRequest) -> SearchResult:
     if request.exclude_query:
         base = np.arange(cache.size) if candidates is None else candidates
         candidates = base[base != int(request.image_id)]
+    searched_count = cache.size if candidates is None else len(candidates)
+    depth = two_tier.rerank_depth(searched_count, request.k, request.rerank)
+    mode = two_tier.choose_mode(request.mode, cache, searched_count, depth)
     scorer = scoring.get_scorer(request.backend)
-    content = cache.content_cells(candidates)
-    found = scoring.score_windows(cache.features(), cache.sqnorms, query, candidates, backend=scorer.name,
-                                  content=content)
-    searched = store.rows(None if candidates is None else found.ids)  # the one metadata read of a search
+    if mode.mode == "approx":
+        scored = two_tier.first_stage_scores(cache, query, candidates, scorer.name)
+    else:
+        scored = scoring.score_windows(cache.features(), cache.sqnorms, query, candidates, backend=scorer.name,
+                                       content=cache.content_cells(candidates))
+    searched = store.rows(None if candidates is None else scored.ids)  # the one metadata read of a search
     groups = None
     if request.per_group is not None:
         labels = searched[request.per_group]
         groups = pd.factorize(labels.astype("string").fillna("\0<null>"), use_na_sentinel=False)[0]
+    found, rows, reranked = scored, np.arange(len(scored.ids)), 0
+    if mode.mode == "approx":  # exact scores and windows for the first stage's best
+        shortlist = two_tier.shortlist(scored, depth, groups)
+        found = two_tier.rerank(cache, query, shortlist, scorer.name, cache.content_cells(shortlist))
+        rows, reranked = np.searchsorted(scored.ids, found.ids), len(shortlist)
+        groups = None if groups is None else groups[rows]
     order = rank(found.scores, found.ids, request.k, groups) if len(found.ids) else np.array([], dtype=np.int64)
-    hits = _hit_table(cache, found, order, query, searched.iloc[order])
-    return SearchResult(hits=hits, scores=pd.DataFrame({"id": found.ids, "score": found.scores}),
+    hits = _hit_table(cache, found, order, query, searched.iloc[rows[order]])
+    return SearchResult(hits=hits, scores=pd.DataFrame({"id": scored.ids, "score": scored.scores}),
                         searched=searched, query=query, backend=scorer.name,
-                        elapsed_s=time.perf_counter() - started)
+                        elapsed_s=time.perf_counter() - started, mode=mode, reranked=reranked)
 
 
 def heat_maps(cache: FeatureCache, result: SearchResult, ids) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dashboard.metadata import MetadataFilter
+from dashboard.two_tier import MODES
 
 DEFAULT_K = 20
 MAX_K = 500
@@ -28,6 +29,7 @@ class SearchState:
     flt: MetadataFilter = field(default_factory=MetadataFilter)
     per_group: str | None = None
     exclude_query: bool = True
+    mode: str = "auto"  # dashboard.two_tier.MODES
 
 
 def encode_region(weights: np.ndarray) -> str:
@@ -64,6 +66,8 @@ def to_params(state: SearchState) -> dict[str, str]:
         params["per"] = state.per_group
     if not state.exclude_query:
         params["self"] = "1"
+    if state.mode != "auto":
+        params["mode"] = state.mode
     return params
 
 
@@ -79,6 +83,7 @@ def from_params(params: Mapping[str, Any]) -> tuple[SearchState, list[str]]:
         "filters": lambda v: ("flt", _parse_filter(str(v))),
         "per": lambda v: ("per_group", str(v)),
         "self": lambda v: ("exclude_query", str(v) not in ("1", "true")),
+        "mode": lambda v: ("mode", _search_mode(str(v))),
     }
     for name, read in readers.items():
         if name not in params:
@@ -91,6 +96,12 @@ def from_params(params: Mapping[str, Any]) -> tuple[SearchState, list[str]]:
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
             problems.append(f"ignored the link's `{name}` parameter ({exc})")
     return SearchState(**values), problems
+
+
+def _search_mode(value: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"not one of {', '.join(MODES)}")
+    return value
 
 
 def _non_negative(value: int) -> int:

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import catalog
+from dashboard import catalog, two_tier
 from dashboard.scoring import engine_status
 from dashboard.settings import CACHES_DIR_ENV
 from dashboard.ui import access, resources
@@ -31,6 +31,7 @@ for entry in entries:
         st.caption(f"Built {manifest.created} · weights: {manifest.weights_source} · "
                    f"{len(manifest.skipped)} skipped files")
         cache = resources.load_cache(entry.path)
+        st.caption(two_tier.index_status(cache))
         sample = list(range(min(8, cache.size)))
         st.image([str(cache.image_file(i)) for i in sample], width=120,
                  caption=[str(p) for p in cache.metadata.rows(sample, ["path"])["path"]])

@@ -7,13 +7,14 @@ import hashlib
 import streamlit as st
 
 from cache_builder.cache_format import CacheError
-from dashboard import analysis, charts, export, rendering
+from dashboard import analysis, charts, export, rendering, two_tier
 from dashboard.export import format_value
 from dashboard.geometry import QueryError
 from dashboard.metadata import FilterError
 from dashboard.search import SearchRequest
 from dashboard.search_session import FROM_DATASET, QUERY_SOURCES, SearchSession
 from dashboard.share import MAX_K, SearchState, to_params
+from dashboard.two_tier import MODES
 from dashboard.ui import access, resources, widgets
 from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError
 
@@ -42,6 +43,10 @@ with st.sidebar:
                              help="Keep only the best-matching image of each value, e.g. one hit per location.")
     exclude_query = st.checkbox("Exclude the query image", value=link.exclude_query, key="exclude-query")
     show_heat = st.checkbox("Similarity heat map on hits", value=False, key="heat")
+    search_mode = st.radio("Search mode", MODES, index=MODES.index(link.mode), horizontal=True, key="search-mode",
+                           help="exact: every image scored exactly. approx: two-tier, a first stage over the "
+                           "cache's index picks candidates that are scored exactly. auto: exact while the cache "
+                           "fits in RAM, two-tier beyond.")
 
 # ---- query image
 source = st.radio("Query image", QUERY_SOURCES, horizontal=True, key=SearchSession.QUERY_SOURCE)
@@ -91,7 +96,8 @@ with hint_column:
 
 weights = None if region is None else region.weights
 st.query_params.from_dict(to_params(SearchState(cache=entry.name, image_id=query_id, region=weights, k=int(k),
-                                                flt=flt, per_group=per_group, exclude_query=exclude_query)))
+                                                flt=flt, per_group=per_group, exclude_query=exclude_query,
+                                                mode=search_mode)))
 if region is None:
     st.info("Highlight a region of the query image to search.")
     st.stop()
@@ -100,7 +106,7 @@ if region is None:
 try:
     request = SearchRequest(cache=cache, weights=weights, image_id=query_id, features=features, content=content,
                             k=int(k), flt=flt, per_group=per_group,
-                            exclude_query=exclude_query and query_id is not None)
+                            exclude_query=exclude_query and query_id is not None, mode=search_mode)
     result = resources.run_search(request)
 except QueryError as exc:
     st.warning(str(exc))
@@ -109,7 +115,11 @@ except FilterError as exc:
     st.error(str(exc))
     st.stop()
 hits = result.hits
-st.caption(f"Searched {result.searched_count:,} of {cache.size:,} images in {result.elapsed_s * 1000:.0f} ms.")
+recall = resources.recall_estimate(request.cache) if result.approximate_scores else None
+st.caption(f"Searched {result.searched_count:,} of {cache.size:,} images in {result.elapsed_s * 1000:.0f} ms · "
+           + two_tier.mode_summary(result.mode, recall))
+if result.mode.warning:
+    st.warning(result.mode.warning)
 if hits.empty:
     st.warning("No image matches the filters: widen or clear them in the sidebar.")
     st.stop()
@@ -145,8 +155,9 @@ if chartable:
                                          f"Top-{len(hits)} composition by {by} vs the searched set"),
                       width="stretch")
     distribution = analysis.score_distribution(result.scores, searched, by)
+    scores_kind = "Approximate (first-stage) scores" if result.approximate_scores else "Scores"
     right.plotly_chart(charts.score_histogram(
-        distribution, f"Scores of all {result.searched_count:,} searched images by {by}"), width="stretch")
+        distribution, f"{scores_kind} of all {result.searched_count:,} searched images by {by}"), width="stretch")
     label = cache.label_column
     if row is not None and label is not None:
         agreement = analysis.label_agreement(hits, row[label], label, "domain" if "domain" in hits else None)

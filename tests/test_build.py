@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,18 @@ def test_rerunning_a_complete_build_does_nothing(built, built_sources):
     again = build_cache(built_sources, out, BuildOptions(**SMALL))
     assert again.created == manifest.created
     assert (out / fmt.FEATURES_FILE).stat().st_mtime_ns == before
+
+
+def test_a_new_cache_gets_its_first_stage_index_and_a_rerun_restores_a_lost_one(built, built_sources, tmp_path):
+    out, manifest = built
+    index = FeatureCache.open(out).first_stage()
+    assert index.codes_bits.shape == (12, 3, 3, 64)
+    shutil.rmtree(out / fmt.INDEX_DIR)  # as if the index build had been interrupted
+    build_cache(built_sources, out, BuildOptions(**SMALL))
+    assert FeatureCache.open(out).first_stage().dims == 64
+    bare = tmp_path / "bare"
+    build_cache(built_sources[:1], bare, BuildOptions(**SMALL, index=False))
+    assert not (bare / fmt.INDEX_DIR).exists()
 
 
 def test_different_cache_in_output_folder_is_refused(built, dataset):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import mmap
 
 import duckdb
 import numpy as np
@@ -79,3 +80,21 @@ def test_garbage_manifest_is_refused(cache_dir):
 def test_only_known_ids_map_to_image_files(cache_dir, bad_id):
     with pytest.raises(CacheError, match="not in this cache"):
         FeatureCache.open(cache_dir).image_file(bad_id)
+
+
+def test_rows_to_be_reranked_are_requested_from_the_os_in_page_aligned_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fmt, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
+    rows = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.uint8, shape=(100, 1000))
+    fmt.advise_will_need(rows, np.array([0, 1, 2, 50, 99]))
+    base, page = rows.ctypes.data, mmap.PAGESIZE
+    assert all(start % page == 0 and advice == 3 for start, _, advice in calls)
+    assert len(calls) == 3  # rows 0-2 touch: one run; 50 and 99 lie apart
+    covered = [(start - base, start - base + length) for start, length, _ in calls]
+    for row in (0, 1, 2, 50, 99):
+        assert any(lo <= row * 1000 and (row + 1) * 1000 <= hi for lo, hi in covered), row
+    assert not any(lo <= 20_000 < hi for lo, hi in covered)  # rows not asked for are not read
+    calls.clear()
+    fmt.advise_will_need(np.zeros((10, 1000), np.uint8), np.array([1]))  # in RAM: nothing to ask
+    fmt.advise_will_need(rows, np.array([], dtype=np.int64))
+    assert calls == []

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -221,3 +222,45 @@ def test_the_label_chart_follows_the_manifests_label_column(caches):
     specs = [chart.proto.spec for chart in at.get("plotly_chart")]
     assert any("Hits with the query's location" in spec for spec in specs)
     assert not any("query's label" in spec for spec in specs)
+
+
+@pytest.fixture
+def indexed_caches(tmp_path, monkeypatch) -> Path:
+    """2,500 images: enough that a two-tier search (rerank 1,000) reads less than an exact scan."""
+    from cache_builder.index import build_index
+    from cache_builder.synthetic import write_array_cache
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 255, size=(2500, 48, 48, 3), dtype=np.uint8)
+    domains = pd.DataFrame({"domain": ["in" if i % 3 else "out" for i in range(2500)]})
+    write_array_cache(tmp_path / "big", rng.standard_normal((2500, 5, 6, 16), dtype=np.float32), input_size=48,
+                      images=images, metadata=domains)
+    shutil.copytree(tmp_path / "big", tmp_path / "bare")
+    build_index(tmp_path / "big")
+    monkeypatch.setenv(CACHES_DIR_ENV, str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def test_a_two_tier_search_says_so_with_its_recall_and_labels_its_chart(indexed_caches):
+    at = page("pages/search.py", cache="big", image="3", region=encode_region(REGION), mode="approx")
+    at.run()
+    assert not at.exception, at.exception
+    caption = texts(at.caption)
+    assert "approximate: two-tier: a 8-dimension first stage over 2,499 images, its best 1,000 reranked" in caption
+    assert "recall@10 1 cell" in caption and at.radio(key="search-mode").value == "approx"
+    specs = [chart.proto.spec for chart in at.get("plotly_chart")]
+    assert any("Approximate (first-stage) scores of all 2,499 searched images" in spec for spec in specs)
+    assert at.query_params["mode"] in ("approx", ["approx"])
+    at.radio(key="search-mode").set_value("exact").run()
+    assert "exact: exact search requested" in texts(at.caption)
+    assert not any("Approximate" in chart.proto.spec for chart in at.get("plotly_chart"))
+
+
+def test_approx_on_a_cache_without_an_index_explains_and_the_page_keeps_working(indexed_caches):
+    at = page("pages/search.py", cache="bare", image="3", region=encode_region(REGION), mode="approx")
+    at.run()
+    assert not at.exception, at.exception
+    assert "python -m cache_builder index" in texts(at.warning)
+    at.radio(key="search-mode").set_value("auto").run()
+    assert "Searched 2,499 of 2,500 images" in texts(at.caption)

@@ -53,7 +53,8 @@ def test_k_must_be_positive(small_cache, k):
     ({"image_id": 1, "features": np.ones((5, 6, 16), dtype=np.float32)}, "not both"),
     ({"image_id": None}, "needs a query image"),
     ({"features": np.ones((5, 6, 16), dtype=np.float32), "exclude_query": True}, "only a cached query image"),
-    ({"mode": "fuzzy"}, "mode must be one of exact"),
+    ({"mode": "fuzzy"}, "mode must be one of auto, exact, approx"),
+    ({"rerank": 0}, "rerank depth must be at least 1"),
     ({"per_group": "no_such_column"}, "no metadata column"),
 ])
 def test_a_request_that_cannot_be_answered_says_why(small_cache, kwargs, message):

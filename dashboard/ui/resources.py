@@ -17,7 +17,7 @@ from cache_builder.build import BuildOptions, build_cache
 from cache_builder.cache_format import MANIFEST_FILE
 from cache_builder.errors import BuildError
 from cache_builder.sources import parse_source
-from dashboard import catalog, search, settings
+from dashboard import catalog, search, settings, two_tier
 from dashboard.feature_cache import FeatureCache
 from dashboard.query_encoder import EncodedImage, encode_image
 from dashboard.search import SearchRequest, SearchResult
@@ -52,6 +52,13 @@ def run_search(request: SearchRequest) -> SearchResult:
 def hit_heat_maps(request: SearchRequest, ids: tuple[int, ...]) -> np.ndarray:
     """Every window's score for the hits `ids` of the request's search, in one call."""
     return search.heat_maps(request.cache, run_search(request), ids)
+
+
+@st.cache_data(max_entries=8, show_spinner="Measuring the two-tier search's recall on a sample of the cache...",
+               hash_funcs={FeatureCache: lambda cache: (str(cache.path), cache.first_stage().info["signature"])})
+def recall_estimate(cache: FeatureCache) -> two_tier.RecallEstimate:
+    """recall@10 of approx vs exact for this cache and index, measured once per process (about a second)."""
+    return two_tier.estimate_recall(cache)
 
 
 @st.cache_data(max_entries=16, show_spinner="Encoding the upload with the cache's model...")

@@ -1,0 +1,285 @@
+"""Two-tier search at scale: exact scan vs first stage + exact rerank, on caches larger than a laptop's RAM share.
+
+    .venv/bin/python benchmarks/scale.py                      # 1M x 7x7x320 (31 GB) and 500k x 14x14x112 (22 GB)
+    .venv/bin/python benchmarks/scale.py --only 7x7x320       # one of them
+    .venv/bin/python benchmarks/scale.py --images 200000      # smaller caches, same measurements
+
+Per cache and mask size (1 cell, 3x3, whole grid; centred, query images drawn at random):
+- median and p95 latency of the two-tier search (`dashboard.two_tier`: first stage over the index, exact rerank
+  of its best 1%), measured in a fresh child process whose peak resident memory (VmHWM: the index, the
+  candidates' pages, Python) is reported too;
+- the exact scan's latency (a few queries: at this size it reads the cache from disk);
+- recall@10 and recall@100 of the two tiers against the exact top-k (exact top-k of every query computed in one
+  chunked pass over the cache);
+- index size and build time (`cache_builder/index.py`).
+Then recall on real features: the realdata photos x 4 augmentations of `benchmarks/first_stage.py` (cached with
+the default model), at the same rerank share.
+
+Synthetic features: each cell is a class prototype (shared by the image's object cells) or one of a few hundred
+background prototypes, plus noise, all drawn with a power-law spectrum (lambda_i ~ i^-0.5, so 64 of 320
+directions keep ~40% of the energy, near the 38-46% of real EfficientNet-Lite0 blocks.6 features). Seeded;
+written once under benchmarks/out/scale/ (git-ignored) and reused. Free disk space is checked first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cache_builder import cache_format as fmt  # noqa: E402
+from cache_builder.index import build_index, default_dims  # noqa: E402
+from cache_builder.synthetic import write_array_cache  # noqa: E402
+from dashboard import scoring, two_tier  # noqa: E402
+from dashboard.feature_cache import FeatureCache  # noqa: E402
+from dashboard.region_query import RegionQuery  # noqa: E402
+from dashboard.scoring.kernel import cpu_flags  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out" / "scale"
+CONFIGS = {"7x7x320": ((7, 7, 320), 1_000_000, None), "14x14x112": ((14, 14, 112), 500_000, 32)}
+SEED = 0
+DATA_TAG = f"scale-synthetic-v1-seed{SEED}"
+CLASSES, BACKGROUNDS = 2000, 300
+QUERIES = 12  # per mask size
+EXACT_QUERIES = 2  # exact scans timed per mask size (each reads the whole cache)
+TARGET_MEDIAN_MS, TARGET_P95_MS, TARGET_RECALL, TARGET_RSS_GB = 250.0, 400.0, 0.95, 8.0
+
+
+def log(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+class SyntheticFeatures:
+    """Rows of a seeded synthetic cache, each chunk reproducible on its own (seeded by its start row)."""
+
+    def __init__(self, grid: tuple[int, int, int]) -> None:
+        h, w, c = grid
+        self.grid = grid
+        rng = np.random.default_rng(SEED)
+        self.scale = (np.arange(1, c + 1, dtype=np.float32) ** -0.25)[rng.permutation(c)]  # sqrt of lambda_i
+        self.classes = rng.standard_normal((CLASSES, c), dtype=np.float32) * self.scale
+        self.backgrounds = rng.standard_normal((BACKGROUNDS, c), dtype=np.float32) * self.scale
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        h, w, c = self.grid
+        m = stop - start
+        rng = np.random.default_rng([SEED, start])
+        label = rng.integers(CLASSES, size=(m, 1, 1))
+        # the object: a box of cells of the image's class, the rest background prototypes
+        r0, c0 = rng.integers(0, h // 2 + 1, size=(2, m, 1, 1))
+        rh, cw = rng.integers(h // 3 + 1, h + 1, size=(2, m, 1, 1))
+        rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+        on_object = (rows >= r0) & (rows < r0 + rh) & (cols >= c0) & (cols < c0 + cw)
+        background = rng.integers(BACKGROUNDS, size=(m, h, w))
+        out = np.where(on_object[..., None], self.classes[np.broadcast_to(label, (m, h, w))],
+                       self.backgrounds[background])
+        noise = rng.standard_normal((m, h, w, c), dtype=np.float32)
+        noise *= 0.8 * self.scale
+        out += noise
+        return out
+
+
+def ensure_cache(name: str, grid: tuple[int, int, int], n: int, dims: int | None) -> FeatureCache:
+    """The seeded cache and its index, written (and timed) the first time."""
+    path = OUT / f"{DATA_TAG}_{name}_n{n}"
+    try:
+        cache = FeatureCache.open(path)
+        if cache.manifest.model == DATA_TAG:
+            return cache
+        cache.metadata.close()
+    except fmt.CacheError:
+        pass
+    feature_bytes = n * math.prod(grid) * 2
+    index_bytes = n * grid[0] * grid[1] * (dims or default_dims(grid[2])) * 2
+    need = (feature_bytes + index_bytes + n * grid[0] * grid[1] * 4) * 1.05
+    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    free = shutil.disk_usage(OUT).free
+    if free < need:
+        sys.exit(f"{path.name} needs {need / 1e9:.1f} GB of disk under {OUT}, {free / 1e9:.1f} GB are free: "
+                 "free some, or pass --images to measure smaller caches")
+    log(f"writing {path.name}: {n:,} images, {feature_bytes / 1e9:.1f} GB of features ...")
+    started = time.perf_counter()
+    write_array_cache(path, SyntheticFeatures(grid).rows, n=n, model=DATA_TAG, layer="synthetic", chunk=5000)
+    log(f"  written in {time.perf_counter() - started:.0f} s")
+    return FeatureCache.open(path)
+
+
+def ensure_index(cache: FeatureCache, dims: int | None) -> fmt.FirstStageIndex:
+    try:
+        return cache.first_stage()
+    except fmt.IndexUnusable:
+        log(f"building the index of {cache.path.name} ...")
+        build_index(cache.path, dims)
+        return cache.first_stage()
+
+
+# ---------------------------------------------------------------------------------------------- truth
+
+def exact_top(cache: FeatureCache, queries: list[RegionQuery], k: int, chunk_bytes: int = 2 << 30) -> list:
+    """Exact top-k ids of every query, in one pass over the cache: each chunk is read from disk once and scored
+    for all queries while it is in the page cache."""
+    n = cache.size
+    rows = max(1, chunk_bytes // cache.features_bits[0].nbytes)
+    best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+    features = cache.features()
+    for start in range(0, n, rows):
+        ids = np.arange(start, min(n, start + rows), dtype=np.int64)
+        for q, query in enumerate(queries):
+            found = scoring.score_windows(features, cache.sqnorms, query, ids)
+            ids_q, scores_q = np.concatenate([best[q][0], found.ids]), np.concatenate([best[q][1], found.scores])
+            keep = np.lexsort((ids_q, -scores_q))[:k]
+            best[q] = (ids_q[keep], scores_q[keep])
+    return [ids for ids, _ in best]
+
+
+def query_set(cache: FeatureCache) -> list[tuple[str, int, RegionQuery]]:
+    rng = np.random.default_rng(SEED + 1)
+    picked = rng.choice(cache.size, QUERIES, replace=False)
+    return [(name, int(i), RegionQuery.from_grid_mask(cache.image_features(int(i)), mask))
+            for name, mask in two_tier.mask_shapes(cache.grid).items() for i in picked]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def two_tier_top(cache: FeatureCache, query: RegionQuery, k: int, depth: int) -> np.ndarray:
+    """The engine of an approx search (what `search_regions` adds is the metadata read and the hit table)."""
+    first = two_tier.first_stage_scores(cache, query, None)
+    shortlist = two_tier.shortlist(first, depth)
+    found = two_tier.rerank(cache, query, shortlist)
+    order = np.lexsort((found.ids, -found.scores))[:k]
+    return found.ids[order]
+
+
+def approx_child(path: str, depths: list[int], conn) -> None:
+    """Runs in a fresh process: every query's two-tier latency and top-100 per rerank depth, and its memory."""
+    cache = FeatureCache.open(path)
+    queries = query_set(cache)
+    two_tier_top(cache, queries[0][2], 100, depths[0])  # warm-up: loads the kernel, pages the index in
+    results = []
+    for depth in depths:
+        for name, image_id, query in queries:
+            started = time.perf_counter()
+            top = two_tier_top(cache, query, 100, depth)
+            results.append((depth, name, time.perf_counter() - started, top.tolist()))
+    conn.send((results, memory_status()))
+
+
+def memory_status() -> dict[str, int]:
+    """Peak resident set (VmHWM) and its parts now: anonymous (the process's own) and file-backed (mapped pages
+    of the index and the cache, shared with the OS page cache and reclaimable)."""
+    wanted = {"VmHWM", "RssAnon", "RssFile"}
+    fields = (line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
+    return {key: int(value.split()[0]) * 1024 for key, value in fields if key in wanted}
+
+
+def stats(seconds: list[float]) -> str:
+    ms = np.asarray(seconds) * 1e3
+    return f"median {np.median(ms):7.0f} ms  p95 {np.percentile(ms, 95):7.0f} ms"
+
+
+def run_config(name: str, grid, n: int, dims: int | None) -> list[str]:
+    log(f"\n=== {name}: {n:,} images ===")
+    cache = ensure_cache(name, grid, n, dims)
+    index = ensure_index(cache, dims)
+    depth = two_tier.rerank_depth(n, 100)
+    depths = [depth, math.ceil(two_tier.RERANK_FRACTION / 2 * n)]  # the default (2%, at least 1,000) and 1%
+    log(f"features {cache.features_bits.nbytes / 1e9:.1f} GB; index {index.dims} dims, {index.nbytes / 1e9:.2f} GB "
+        f"({index.energy:.0%} of the energy), built in {index.built_s:.0f} s; rerank depth {depth:,}")
+    queries = query_set(cache)
+    started = time.perf_counter()
+    truth = exact_top(cache, [q for _, _, q in queries], 100)
+    log(f"exact top-100 of {len(queries)} queries in one pass: {time.perf_counter() - started:.0f} s")
+
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=approx_child,
+                                                           args=(str(cache.path), depths, child))
+    process.start()
+    results, memory = parent.recv()
+    process.join()
+    failures = []
+    exact_times: dict[str, list[float]] = {}
+    for mask in two_tier.mask_shapes(cache.grid):
+        for _, _, query in [q for q in queries if q[0] == mask][:EXACT_QUERIES]:
+            started = time.perf_counter()
+            scoring.score_windows(cache.features(), cache.sqnorms, query)
+            exact_times.setdefault(mask, []).append(time.perf_counter() - started)
+    for depth in depths:
+        log(f"rerank depth {depth:,} ({depth / n:.1%}):")
+        for mask in two_tier.mask_shapes(cache.grid):
+            rows = [(r, t) for r, t in zip([r for r in results if r[0] == depth], truth) if r[1] == mask]
+            times = [r[2] for r, _ in rows]
+            recall10 = np.mean([len(np.intersect1d(r[3][:10], t[:10])) / 10 for r, t in rows])
+            recall100 = np.mean([len(np.intersect1d(r[3][:100], t[:100])) / 100 for r, t in rows])
+            log(f"  {mask:>6}: approx {stats(times)} | exact {stats(exact_times[mask])} "
+                f"(of {len(exact_times[mask])}) | recall@10 {recall10:.3f} recall@100 {recall100:.3f}")
+            if depth != depths[0]:
+                continue
+            median, p95 = np.median(times) * 1e3, np.percentile(times, 95) * 1e3
+            if median > TARGET_MEDIAN_MS or p95 > TARGET_P95_MS:
+                failures.append(f"{name} {mask}: approx median {median:.0f} ms / p95 {p95:.0f} ms "
+                                f"(target {TARGET_MEDIAN_MS:.0f} / {TARGET_P95_MS:.0f})")
+            if recall10 < TARGET_RECALL:
+                failures.append(f"{name} {mask}: recall@10 {recall10:.3f} (target {TARGET_RECALL})")
+    peak = memory.get("VmHWM", 0)
+    log(f"searching process: peak resident {peak / 2**30:.2f} GiB (target <= {TARGET_RSS_GB:.0f} GB); at the end "
+        f"{memory.get('RssAnon', 0) / 2**30:.2f} GiB anonymous + {memory.get('RssFile', 0) / 2**30:.2f} GiB "
+        "mapped file pages (index and cache, reclaimable page cache)")
+    if peak > TARGET_RSS_GB * 2**30:
+        failures.append(f"{name}: peak RSS {peak / 2**30:.2f} GiB")
+    cache.metadata.close()
+    return failures
+
+
+def real_recall() -> None:
+    """recall@10 at the same rerank share on real features (the first-stage benchmark's augmented photos)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from first_stage import augmented_cache
+
+    try:
+        path = augmented_cache()
+    except SystemExit as exc:
+        log(f"real features: skipped ({exc})")
+        return
+    cache = FeatureCache.open(path)
+    ensure_index(cache, None)
+    log(f"\n=== real features: {cache.size:,} images ({cache.manifest.model} {cache.manifest.layer}) ===")
+    for share in (0.01, 0.02, 0.05):
+        estimate = two_tier.estimate_recall(cache, depth_share=share, sample=cache.size, queries=40)
+        log(f"rerank {share:.0%}: {estimate.summary()}")
+    cache.metadata.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=list(CONFIGS), action="append", help="one configuration (repeatable)")
+    parser.add_argument("--images", type=int, help="images per cache instead of 1M / 500k")
+    parser.add_argument("--no-real", action="store_true", help="skip the recall on real features")
+    args = parser.parse_args()
+    flags = " ".join(sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "asimd"}))
+    log(f"CPU: {os.cpu_count()} cores, flags {flags}; engine {scoring.engine_status()}; "
+        f"load {os.getloadavg()[0]:.2f}")
+    failures = []
+    for name in args.only or CONFIGS:
+        grid, n, dims = CONFIGS[name]
+        failures += run_config(name, grid, args.images or n, dims)
+    if not args.no_real:
+        real_recall()
+    log("\ntargets: " + ("all met" if not failures else "MISSED:\n  " + "\n  ".join(failures)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
