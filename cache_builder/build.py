@@ -8,6 +8,7 @@ exactly the same images as an uninterrupted one and writes byte-identical arrays
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from cache_builder.errors import BuildError
 from cache_builder.framing import Framing, choose_framing
 from cache_builder.index import ensure_index, remove_index
 from cache_builder.metadata_table import write_metadata
+from cache_builder.pipeline import BackgroundWriter
 from cache_builder.models import FeatureExtractor, LoadedModel, Preprocessing, load_model
 from cache_builder.sources import Source, SourceItem, open_item
 from cache_builder import cache_format as fmt
@@ -51,7 +53,7 @@ class BuildOptions:
     image_size: int | None = None
     batch_size: int = 32
     device: str = "auto"
-    workers: int = 1
+    workers: int | None = None  # DataLoader processes; None = default_workers()
     overwrite: bool = False
     limit: int | None = None
     frame: str = "auto"  # "auto" | "crop" | "fit" (see cache_builder.framing)
@@ -252,66 +254,124 @@ def build_cache(
     return manifest
 
 
+def default_workers() -> int:
+    """DataLoader processes decoding images: every core but the one driving the model, at least one."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOptions,
              on_progress: ProgressCallback | None) -> None:
+    """The main thread decodes (through the DataLoader's workers) and runs the model; a `BackgroundWriter` encodes
+    and writes each batch meanwhile. On CUDA the input is pinned and channels-last, the model runs in bfloat16,
+    and its output is copied to pinned host memory without blocking, so the copy overlaps the next batch too."""
     device = resolve_device(options.device)
+    cuda = device.type == "cuda"
     extractor = FeatureExtractor(plan.model, plan.layer).to(device).eval()
+    if cuda:
+        extractor = extractor.to(memory_format=torch.channels_last)
+    workers = default_workers() if options.workers is None else options.workers
     pending = [(i, si, item) for i, (si, item) in enumerate(plan.items)][state["done"]:]
     loader = DataLoader(
         _CropDataset(pending, plan.sources, plan.model.preprocessing),
         batch_size=plan.batch_size,
         shuffle=False,
-        num_workers=options.workers,
+        num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if options.workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
         persistent_workers=False,
-        prefetch_factor=4 if options.workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=cuda,
     )
-    features = np.load(out / PARTIAL_FEATURES, mmap_mode="r+")
-    sqnorms = np.load(out / PARTIAL_SQNORMS, mmap_mode="r+")
-    frames = np.load(out / PARTIAL_FRAMES, mmap_mode="r+") if plan.framing.mode == "fit" else None
-    grid, image_size = plan.grid[:2], plan.model.preprocessing.input_shape
+    arrays = _PartialArrays(out, plan.framing.mode == "fit")
     timings = state["timings"]
-    n = len(plan.items)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    t_wait = time.perf_counter()
-    for batch in loader:
-        t_model = time.perf_counter()
-        timings["read_s"] = timings.get("read_s", 0.0) + t_model - t_wait
-        indices = batch["indices"]
-        if indices:
-            with torch.inference_mode(), autocast:
-                output = extractor(batch["tensor"].to(device, non_blocking=True))
-            maps = output.float().permute(0, 2, 3, 1).cpu().numpy()
-            if frames is not None:  # padding is no picture: its cells hold zeros and are never matched
-                cells = fmt.content_cells(np.asarray(batch["content"]), grid, image_size)
-                maps *= fmt.content_mask(cells, grid)[..., None]
-            bits, norms = fmt.encode_features(maps)
-            t_write = time.perf_counter()
-            timings["model_s"] = timings.get("model_s", 0.0) + t_write - t_model
-            lo, hi = indices[0], indices[-1] + 1
-            if hi - lo == len(indices):  # contiguous rows: one slice write
-                features[lo:hi], sqnorms[lo:hi] = bits, norms
-            else:
-                features[indices], sqnorms[indices] = bits, norms
-            if frames is not None:
-                frames[indices] = np.asarray(batch["content"], dtype=np.int32)
-                frames.flush()
-            for index, jpeg in zip(indices, batch["jpegs"]):
-                (out / PARTIAL_IMAGES / f"{index:07d}{fmt.IMAGE_SUFFIX}").write_bytes(jpeg)
-            features.flush()
-            sqnorms.flush()
-        else:
-            t_write = time.perf_counter()
+    for key in ("read_s", "model_s", "write_s"):  # created here: the writer thread saves this dict meanwhile
+        timings.setdefault(key, 0.0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else nullcontext()
+
+    def write(batch: dict[str, Any], output: torch.Tensor | None, ready) -> None:
+        t_write = time.perf_counter()
+        if output is not None:
+            if ready is not None:
+                ready.synchronize()  # the device-to-host copy has landed
+            arrays.write(batch, output.float().permute(0, 2, 3, 1).numpy(), plan)
         for index, error in batch["failed"]:
             state["skipped"].append({"path": plan.items[index][1].path, "reason": error})
-        state["done"] = min(n, state["done"] + plan.batch_size)
+        state["done"] = min(len(plan.items), state["done"] + plan.batch_size)
+        timings["write_s"] += time.perf_counter() - t_write
+        _save_state(out, state)  # after the rows are flushed: a resumed build never skips unwritten rows
+        committed[0] = state["done"]
+
+    committed, reported = [state["done"]], state["done"]
+
+    def report() -> None:  # in the caller's thread (a Streamlit progress bar needs its script's thread)
+        nonlocal reported
+        if on_progress is not None and committed[0] != reported:
+            reported = committed[0]
+            on_progress(reported, len(plan.items))
+
+    with BackgroundWriter() as writer:
         t_wait = time.perf_counter()
-        timings["write_s"] = timings.get("write_s", 0.0) + t_wait - t_write
-        _save_state(out, state)
-        if on_progress is not None:
-            on_progress(state["done"], n)
-    del features, sqnorms, frames
+        for batch in loader:
+            t_model = time.perf_counter()
+            timings["read_s"] += t_model - t_wait
+            output = ready = None
+            if batch["indices"]:
+                inputs = batch["tensor"].to(device, non_blocking=True,
+                                            memory_format=torch.channels_last if cuda else torch.preserve_format)
+                with torch.inference_mode(), autocast:
+                    output = extractor(inputs)
+                output, ready = _to_host(output)
+            timings["model_s"] += time.perf_counter() - t_model
+            writer.submit(functools.partial(write, batch, output, ready))
+            report()
+            t_wait = time.perf_counter()
+    arrays.close()
+    report()
+
+
+def _to_host(output: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(host tensor, event to wait on before reading it): a CUDA output is copied into pinned memory without
+    blocking the main thread."""
+    if output.device.type == "cuda":
+        host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+        host.copy_(output, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+    return output.cpu(), None
+
+
+class _PartialArrays:
+    """The build's partial arrays and images folder, written batch by batch (from the writer thread)."""
+
+    def __init__(self, out: Path, whole_frames: bool) -> None:
+        self.out = out
+        self.features = np.load(out / PARTIAL_FEATURES, mmap_mode="r+")
+        self.sqnorms = np.load(out / PARTIAL_SQNORMS, mmap_mode="r+")
+        self.frames = np.load(out / PARTIAL_FRAMES, mmap_mode="r+") if whole_frames else None
+
+    def write(self, batch: dict[str, Any], maps: np.ndarray, plan: BuildPlan) -> None:
+        indices = batch["indices"]
+        if self.frames is not None:  # padding is no picture: its cells hold zeros and are never matched
+            cells = fmt.content_cells(np.asarray(batch["content"]), plan.grid[:2],
+                                      plan.model.preprocessing.input_shape)
+            maps *= fmt.content_mask(cells, plan.grid[:2])[..., None]
+        bits, norms = fmt.encode_features(maps)
+        lo, hi = indices[0], indices[-1] + 1
+        if hi - lo == len(indices):  # contiguous rows: one slice write
+            self.features[lo:hi], self.sqnorms[lo:hi] = bits, norms
+        else:
+            self.features[indices], self.sqnorms[indices] = bits, norms
+        if self.frames is not None:
+            self.frames[indices] = np.asarray(batch["content"], dtype=np.int32)
+            self.frames.flush()
+        for index, jpeg in zip(indices, batch["jpegs"]):
+            (self.out / PARTIAL_IMAGES / f"{index:07d}{fmt.IMAGE_SUFFIX}").write_bytes(jpeg)
+        self.features.flush()
+        self.sqnorms.flush()
+
+    def close(self) -> None:
+        del self.features, self.sqnorms, self.frames
 
 
 def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:

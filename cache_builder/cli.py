@@ -63,7 +63,8 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     build.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                        help="where the model runs (default: auto = cuda, then mps, then cpu)")
-    build.add_argument("--workers", type=int, default=1, help="DataLoader processes decoding images (default: 1)")
+    build.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: the machine's "
+                       "cores minus one, at least 1; 0 decodes in the main process)")
     build.add_argument("--overwrite", action="store_true", help="replace a different cache already in --out")
     build.add_argument("--limit", type=int, help="only the first N images (for a quick trial)")
     build.add_argument("--multilabel", action="append", default=[], metavar="COLUMN",
