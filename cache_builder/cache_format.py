@@ -376,7 +376,7 @@ def open_index(cache_dir: Path, manifest: Manifest) -> FirstStageIndex:
                            built_s=float(info.get("built_s", 0.0)), info=info)
 
 
-_MADV_RANDOM, _MADV_WILLNEED = 1, 3  # the same values on Linux, macOS and the BSDs
+_MADV_RANDOM, _MADV_WILLNEED, _MADV_DONTNEED = 1, 3, 4  # the same values on Linux, macOS and the BSDs
 
 
 @functools.cache
@@ -410,6 +410,17 @@ def advise_will_need(array: np.ndarray, ids: np.ndarray) -> None:
     disk read ~160 GB instead of 620 MB. Advised, exactly those pages are read, with the requests in flight
     together. A no-op for arrays in RAM and where madvise is missing.
     """
+    _advise_rows(array, ids, _MADV_WILLNEED)
+
+
+def advise_done_with(array: np.ndarray, ids: np.ndarray) -> None:
+    """Unmap the rows `ids` of a read-only memory map from this process: the OS keeps them in its page cache (a
+    later touch, by any thread, maps them again: always safe on a read-only map), but they stop counting as this
+    process's resident memory."""
+    _advise_rows(array, ids, _MADV_DONTNEED)
+
+
+def _advise_rows(array: np.ndarray, ids: np.ndarray, advice: int) -> None:
     madvise = _madvise()
     ids = np.asarray(ids, dtype=np.int64)
     if madvise is None or not isinstance(array, np.memmap) or len(ids) == 0:
@@ -421,4 +432,4 @@ def advise_will_need(array: np.ndarray, ids: np.ndarray) -> None:
     starts -= starts % page
     gaps = np.nonzero(starts[1:] > ends[:-1])[0]  # runs of rows that touch or overlap become one call
     for start, end in zip(starts[np.r_[0, gaps + 1]], ends[np.r_[gaps, len(ids) - 1]]):
-        madvise(int(start), int(end - start), _MADV_WILLNEED)
+        madvise(int(start), int(end - start), advice)

@@ -98,3 +98,5 @@ def test_rows_to_be_reranked_are_requested_from_the_os_in_page_aligned_runs(tmp_
     fmt.advise_will_need(np.zeros((10, 1000), np.uint8), np.array([1]))  # in RAM: nothing to ask
     fmt.advise_will_need(rows, np.array([], dtype=np.int64))
     assert calls == []
+    fmt.advise_done_with(rows, np.array([50]))
+    assert len(calls) == 1 and calls[0][2] == 4  # MADV_DONTNEED: unmapped here, kept in the page cache
