@@ -216,8 +216,10 @@ def build_cache(
     out: Path,
     options: BuildOptions,
     on_progress: ProgressCallback | None = None,
+    on_index_progress: ProgressCallback | None = None,
 ) -> fmt.Manifest:
-    """Build (or finish, or confirm) the cache in `out`; returns its complete manifest."""
+    """Build (or finish, or confirm) the cache in `out`; returns its complete manifest. `on_progress` reports
+    images extracted, `on_index_progress` the images the first-stage index has projected."""
     started = time.perf_counter()
     out = Path(out)
     plan = plan_build(sources, options)
@@ -226,7 +228,7 @@ def build_cache(
         manifest = fmt.read_manifest(out)
         if manifest.status == fmt.STATUS_COMPLETE:  # same fingerprint, already complete: at most an index to finish
             if options.index:
-                ensure_index(out)
+                ensure_index(out, on_progress=on_index_progress)
             return manifest
     h, w, c = plan.grid
     n = len(plan.items)
@@ -250,7 +252,7 @@ def build_cache(
     fmt.write_manifest(out, manifest)
     (out / STATE_FILE).unlink(missing_ok=True)
     if options.index:  # after `complete`: an interrupted index build leaves a searchable cache
-        ensure_index(out)
+        ensure_index(out, on_progress=on_index_progress)
     return manifest
 
 

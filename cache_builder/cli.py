@@ -129,11 +129,13 @@ def run_build(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
                            overwrite=args.overwrite, limit=args.limit, frame=args.frame, index=not args.no_index)
     progress = None if args.quiet else _TqdmProgress()
+    index_progress = None if args.quiet else _TqdmProgress("indexing", follows=progress)
     try:
-        manifest = build_cache(sources, args.out, options, on_progress=progress)
+        manifest = build_cache(sources, args.out, options, on_progress=progress, on_index_progress=index_progress)
     finally:
-        if progress is not None:
-            progress.close()
+        for bar in (progress, index_progress):
+            if bar is not None:
+                bar.close()
     height, width = manifest.image_size
     print(f"cache complete: {args.out} ({manifest.image_count} images, grid {manifest.grid}, "
           f"{len(manifest.skipped)} skipped; {manifest.frame} {width}x{height}: {manifest.framing})")
@@ -157,16 +159,20 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 class _TqdmProgress:
-    """tqdm shows images/s and the ETA; created lazily so a finished cache prints no empty bar."""
+    """tqdm shows images/s and the ETA; created lazily so a finished cache prints no empty bar. A bar that
+    `follows` another closes it when it starts, so the phases print one after the other."""
 
-    def __init__(self, desc: str = "extracting") -> None:
+    def __init__(self, desc: str = "extracting", follows: "_TqdmProgress | None" = None) -> None:
         self.bar = None
         self.desc = desc
+        self.follows = follows
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
+            if self.follows is not None:
+                self.follows.close()
             self.bar = tqdm(total=total, initial=0, unit="img", desc=self.desc, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
 

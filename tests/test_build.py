@@ -122,8 +122,9 @@ def test_a_new_cache_gets_its_first_stage_index_and_a_rerun_restores_a_lost_one(
     index = FeatureCache.open(out).first_stage()
     assert index.codes_bits.shape == (12, 3, 3, 64)
     shutil.rmtree(out / fmt.INDEX_DIR)  # as if the index build had been interrupted
-    build_cache(built_sources, out, BuildOptions(**SMALL))
-    assert FeatureCache.open(out).first_stage().dims == 64
+    indexed = []
+    build_cache(built_sources, out, BuildOptions(**SMALL), on_index_progress=lambda d, t: indexed.append((d, t)))
+    assert FeatureCache.open(out).first_stage().dims == 64 and indexed[-1] == (12, 12)
     bare = tmp_path / "bare"
     build_cache(built_sources[:1], bare, BuildOptions(**SMALL, index=False))
     assert not (bare / fmt.INDEX_DIR).exists()
