@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dashboard.metadata import FilterError, MetadataFilter
@@ -48,3 +49,15 @@ def test_rows_come_back_in_the_order_asked(small_cache):
 def test_empty_value_list_matches_nothing(small_cache):
     assert small_cache.metadata.filter_ids(MetadataFilter(equals={"label": []})).size == 0
     assert np.array_equal(small_cache.metadata.filter_ids(MetadataFilter()), np.arange(40))
+
+
+@pytest.mark.parametrize("ids", [[7, 2, 30], list(range(39, -1, -1)), [0, 0, 5, 39], list(range(40))])
+def test_many_ids_are_read_in_one_pass_with_the_same_rows_as_the_join(small_cache, monkeypatch, ids):
+    store = small_cache.metadata
+    monkeypatch.setattr("dashboard.metadata.DENSE_READ_SHARE", 2.0)  # never dense: the join
+    joined = store.rows(ids)
+    monkeypatch.setattr("dashboard.metadata.DENSE_READ_SHARE", 0.0)  # always dense
+    dense = store.rows(np.asarray(ids))
+    pd.testing.assert_frame_equal(dense, joined)
+    assert list(dense["id"]) == list(ids)
+    assert list(store.rows([0, 40])["id"]) == [0]  # an id outside the table is left out, as by the join
