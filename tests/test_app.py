@@ -30,6 +30,18 @@ def test_caches_page_lists_a_cache(small_cache, tmp_path, monkeypatch):
     assert "tiny" in [h.value for h in at.subheader]
     assert "40" in [m.value for m in at.metric]
     assert any("search engine: native kernel (" in c.value for c in at.caption)  # the kernel built here
+    assert any("no usable first-stage index (missing): searches are exact" in c.value for c in at.caption)
+
+
+def test_caches_page_shows_a_caches_first_stage_index(small_cache, tmp_path, monkeypatch):
+    from cache_builder.index import build_index
+
+    shutil.copytree(small_cache.path, tmp_path / "tiny")
+    build_index(tmp_path / "tiny", dims=4)
+    at = app(tmp_path, monkeypatch).run()
+    assert not at.exception
+    assert any("first-stage index: 4 dimensions per cell" in c.value and "run exact (the cache fits in RAM)"
+               in c.value for c in at.caption)
 
 
 def test_broken_cache_is_explained_and_others_still_shown(small_cache, tmp_path, monkeypatch):
