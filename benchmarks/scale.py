@@ -154,25 +154,16 @@ def query_set(cache: FeatureCache) -> list[tuple[str, int, RegionQuery]]:
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def two_tier_top(cache: FeatureCache, query: RegionQuery, k: int, depth: int) -> np.ndarray:
-    """The engine of an approx search (what `search_regions` adds is the metadata read and the hit table)."""
-    first = two_tier.first_stage_scores(cache, query, None)
-    shortlist = two_tier.shortlist(first, depth)
-    found = two_tier.rerank(cache, query, shortlist)
-    order = np.lexsort((found.ids, -found.scores))[:k]
-    return found.ids[order]
-
-
 def approx_child(path: str, depths: list[int], conn) -> None:
     """Runs in a fresh process: every query's two-tier latency and top-100 per rerank depth, and its memory."""
     cache = FeatureCache.open(path)
     queries = query_set(cache)
-    two_tier_top(cache, queries[0][2], 100, depths[0])  # warm-up: loads the kernel, pages the index in
+    two_tier.approx_top(cache, queries[0][2], None, depths[0], 100)  # warm-up: loads the kernel, pages the index in
     results, peak = [], {}
     for depth in depths:
         for name, image_id, query in queries:
             started = time.perf_counter()
-            top = two_tier_top(cache, query, 100, depth)
+            top = two_tier.approx_top(cache, query, None, depth, 100)
             results.append((depth, name, time.perf_counter() - started, top.tolist()))
             now = memory_status()  # between queries, untimed
             peak = {key: max(value, peak.get(key, 0)) for key, value in now.items()}

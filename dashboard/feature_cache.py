@@ -26,7 +26,8 @@ class FeatureCache:
     sqnorms: np.ndarray  # (N, H, W) float32 memmap
     metadata: MetadataStore
     frames: np.ndarray | None = None  # (N, 4) pixel boxes of the picture (whole-frame caches), None when cropped
-    _index: fmt.FirstStageIndex | None = field(default=None, repr=False)
+    _index: fmt.FirstStageIndex | fmt.IndexUnusable | None = field(default=None, repr=False)
+    _index_stamp: int | None = field(default=None, repr=False)
     _scattered: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
@@ -88,10 +89,18 @@ class FeatureCache:
         return tensor_view(self.features_bits).view(torch.bfloat16)
 
     def first_stage(self) -> fmt.FirstStageIndex:
-        """The two-tier search's first-stage index, opened and checked once; IndexUnusable says why there is none
-        (looked for again at each call, so an index added while the app runs is found)."""
-        if self._index is None:
-            self._index = fmt.open_index(self.path, self.manifest)
+        """The two-tier search's first-stage index, opened and checked once per version of its `index.json` (an
+        index added or rebuilt while the app runs is found; an unusable one is not re-hashed at every rerun);
+        IndexUnusable says why there is none."""
+        stamp = _modified(self.path / fmt.INDEX_DIR / fmt.INDEX_FILE)
+        if self._index is None or self._index_stamp != stamp:
+            try:
+                self._index = fmt.open_index(self.path, self.manifest)
+            except fmt.IndexUnusable as exc:
+                self._index = exc
+            self._index_stamp = stamp
+        if isinstance(self._index, fmt.IndexUnusable):
+            raise fmt.IndexUnusable(self._index.problem, str(self._index))
         return self._index
 
     def scattered_features_bits(self) -> np.ndarray:
@@ -122,6 +131,13 @@ class FeatureCache:
     def load_image(self, image_id: int) -> Image.Image:
         with Image.open(self.image_file(image_id)) as image:
             return image.convert("RGB")
+
+
+def _modified(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def tensor_view(array: np.ndarray) -> torch.Tensor:

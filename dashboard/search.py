@@ -120,6 +120,11 @@ class SearchResult:
         return self.mode.mode == "approx"
 
     @property
+    def scores_label(self) -> str:
+        """What `scores` are, for a chart's title."""
+        return "Approximate (first-stage) scores" if self.approximate_scores else "Scores"
+
+    @property
     def searched_count(self) -> int:
         return len(self.scores)
 

@@ -47,6 +47,16 @@ def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def array_bytes(cache: FeatureCache) -> int:
+    """What an exact scan reads: the features and their norms."""
+    return cache.features_bits.nbytes + cache.sqnorms.nbytes
+
+
+def fits_in_ram(cache: FeatureCache) -> bool:
+    """Whether `auto` searches this cache exactly."""
+    return array_bytes(cache) <= AUTO_RAM_SHARE * ram_bytes()
+
+
 def rerank_depth(searched: int, k: int, depth: int | None = None) -> int:
     """How many first-stage candidates are reranked exactly: `depth` if given, else 2% of the searched images
     (at least 1,000 and at least k). On real features (`benchmarks/first_stage.py`, 64 dimensions) a 1% rerank
@@ -65,10 +75,9 @@ def choose_mode(requested: str, cache: FeatureCache, searched: int, depth: int) 
         raise QueryError(f"search mode must be one of {', '.join(MODES)} (got {requested!r})")
     if requested == "exact":
         return ModeChoice("exact", "exact search requested: every image scored exactly")
-    arrays = cache.features_bits.nbytes + cache.sqnorms.nbytes
-    if requested == "auto" and arrays <= AUTO_RAM_SHARE * ram_bytes():
-        return ModeChoice("exact", f"the cache ({arrays / 2**30:,.1f} GiB) fits in RAM: every image scored "
-                          "exactly")
+    if requested == "auto" and fits_in_ram(cache):
+        return ModeChoice("exact", f"the cache ({array_bytes(cache) / 2**30:,.1f} GiB) fits in RAM: every image "
+                          "scored exactly")
     try:
         index = cache.first_stage()
     except fmt.IndexUnusable as exc:
@@ -133,6 +142,14 @@ def _will_need(bits: np.ndarray, sqnorms: np.ndarray, ids: np.ndarray) -> None:
     fmt.advise_will_need(bits, ids)
 
 
+def approx_top(cache: FeatureCache, query: RegionQuery, ids: np.ndarray | None, depth: int, k: int,
+               backend: str | None = None) -> np.ndarray:
+    """Ids of the two tiers' top k, best first (ties by id): an approx search's engine without what
+    `search_regions` adds around it (filters, groups, metadata, the hit table)."""
+    found = rerank(cache, query, shortlist(first_stage_scores(cache, query, ids, backend), depth), backend)
+    return found.ids[np.lexsort((found.ids, -found.scores))[:k]]
+
+
 @dataclass(frozen=True)
 class RecallEstimate:
     """recall@k of approx against exact per mask shape, on a random sample of the cache (same rerank share)."""
@@ -164,9 +181,7 @@ def estimate_recall(cache: FeatureCache, depth_share: float = RERANK_FRACTION, s
                 continue
             exact = rerank(cache, query, ids, backend)  # the sample's rows, requested at once
             truth = exact.ids[_top(exact.scores, k)]
-            first = first_stage_scores(cache, query, ids, backend)
-            reranked = rerank(cache, query, shortlist(first, depth), backend)
-            found = reranked.ids[_top(reranked.scores, k)]
+            found = approx_top(cache, query, ids, depth, k, backend)
             recall.setdefault(name, []).append(len(np.intersect1d(found, truth)) / len(truth))
     return RecallEstimate({name: float(np.mean(values)) for name, values in recall.items()}, len(ids),
                           min(queries, len(ids)), k)
@@ -174,8 +189,7 @@ def estimate_recall(cache: FeatureCache, depth_share: float = RERANK_FRACTION, s
 
 def index_status(cache: FeatureCache) -> str:
     """One line for the Caches page: the first-stage index, and what `auto` searches run as."""
-    arrays = cache.features_bits.nbytes + cache.sqnorms.nbytes
-    fits = arrays <= AUTO_RAM_SHARE * ram_bytes()
+    fits = fits_in_ram(cache)
     try:
         index = cache.first_stage()
     except fmt.IndexUnusable as exc:

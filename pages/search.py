@@ -155,9 +155,9 @@ if chartable:
                                          f"Top-{len(hits)} composition by {by} vs the searched set"),
                       width="stretch")
     distribution = analysis.score_distribution(result.scores, searched, by)
-    scores_kind = "Approximate (first-stage) scores" if result.approximate_scores else "Scores"
     right.plotly_chart(charts.score_histogram(
-        distribution, f"{scores_kind} of all {result.searched_count:,} searched images by {by}"), width="stretch")
+        distribution, f"{result.scores_label} of all {result.searched_count:,} searched images by {by}"),
+        width="stretch")
     label = cache.label_column
     if row is not None and label is not None:
         agreement = analysis.label_agreement(hits, row[label], label, "domain" if "domain" in hits else None)
