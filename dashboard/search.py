@@ -120,6 +120,11 @@ class SearchResult:
         return self.mode.mode == "approx"
 
     @property
+    def reranked_share(self) -> float:
+        """The share of the searched images a two-tier search reranked (rounded: a memo key of the page)."""
+        return round(self.reranked / max(1, self.searched_count), 3)
+
+    @property
     def scores_label(self) -> str:
         """What `scores` are, for a chart's title."""
         return "Approximate (first-stage) scores" if self.approximate_scores else "Scores"

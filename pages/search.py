@@ -115,7 +115,7 @@ except FilterError as exc:
     st.error(str(exc))
     st.stop()
 hits = result.hits
-recall = resources.recall_estimate(request.cache) if result.approximate_scores else None
+recall = resources.recall_estimate(request.cache, result.reranked_share) if result.approximate_scores else None
 st.caption(f"Searched {result.searched_count:,} of {cache.size:,} images in {result.elapsed_s * 1000:.0f} ms · "
            + two_tier.mode_summary(result.mode, recall))
 if result.mode.warning:

@@ -178,3 +178,10 @@ def test_cli_modes(indexed, bare_copy, capsys):
     assert main([args[0], str(indexed.path), *args[1:], "--mode", "approx", "--rerank", "50"]) == 0
     captured = capsys.readouterr()
     assert "note: approximate: two-tier" in captured.err and len(captured.out.splitlines()) == 4
+
+
+def test_the_page_measures_recall_at_the_share_the_search_reranked(indexed):
+    result = search(indexed, mode="approx", rerank=40, exclude_query=True)
+    assert result.reranked == 40 and result.reranked_share == round(40 / (N - 1), 3)
+    estimate = two_tier.estimate_recall(indexed, depth_share=result.reranked_share, sample=N, queries=2)
+    assert estimate.sample == N

@@ -56,9 +56,10 @@ def hit_heat_maps(request: SearchRequest, ids: tuple[int, ...]) -> np.ndarray:
 
 @st.cache_data(max_entries=8, show_spinner="Measuring the two-tier search's recall on a sample of the cache...",
                hash_funcs={FeatureCache: lambda cache: (str(cache.path), cache.first_stage().info["signature"])})
-def recall_estimate(cache: FeatureCache) -> two_tier.RecallEstimate:
-    """recall@10 of approx vs exact for this cache and index, measured once per process (about a second)."""
-    return two_tier.estimate_recall(cache)
+def recall_estimate(cache: FeatureCache, depth_share: float) -> two_tier.RecallEstimate:
+    """recall@10 of approx vs exact for this cache and index at the share of images a search reranked (a small
+    cache's 1,000-image minimum is a large share), measured once per process and share (about a second)."""
+    return two_tier.estimate_recall(cache, depth_share=depth_share)
 
 
 @st.cache_data(max_entries=16, show_spinner="Encoding the upload with the cache's model...")
