@@ -288,9 +288,10 @@ def allocate_array(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
 
 # The first stage of two-tier search (written by cache_builder/index.py, read by dashboard/two_tier.py):
 #
-#     index/index.json   version, dims, what it was built from (`features_signature`), energy kept, build time
-#     index/basis.npy    (C, d) float32: the top-d principal directions of the cache's cells (uncentred)
-#     index/codes.npy    (N, H, W, d) uint16: bfloat16 bits of every cell projected onto the basis
+#     index/index.json      version, dims, what it was built from (`features_signature`), energy kept, build time
+#     index/basis.npy       (C, d) float32: the top-d principal directions of the cache's cells (uncentred)
+#     index/quantiser.npy   (2, d) float32: per dimension, the step and the mean of the 4-bit quantiser
+#     index/codes.npy       (N, H, W, d / 2) uint8: every cell's projection, 4 bits a value (`pack_codes`)
 #
 # Optional: a cache without it is searched exactly. It is built in index.partial/ and renamed into place whole.
 INDEX_DIR = "index"
@@ -298,7 +299,9 @@ INDEX_PARTIAL_DIR = "index.partial"
 INDEX_FILE = "index.json"
 INDEX_BASIS_FILE = "basis.npy"
 INDEX_CODES_FILE = "codes.npy"
-INDEX_VERSION = 1
+INDEX_QUANTISER_FILE = "quantiser.npy"
+INDEX_VERSION = 2  # 1: bfloat16 codes of 64 dimensions (issue 11's first index); 2: 4-bit codes
+CODE_GROUP = 32  # values per 16 packed bytes; an index's dims are a multiple of it
 _SIGNATURE_BLOCKS, _SIGNATURE_BLOCK_BYTES = 64, 64 * 1024
 
 
@@ -316,14 +319,37 @@ class FirstStageIndex:
 
     dims: int
     basis: np.ndarray  # (C, d) float32
-    codes_bits: np.ndarray  # (N, H, W, d) uint16 memmap
+    steps: np.ndarray  # (d,) float32: a value is steps * (nibble - 7.5) + means
+    means: np.ndarray  # (d,) float32
+    codes: np.ndarray  # (N, H, W, d / 2) uint8 memmap (`pack_codes`)
     energy: float  # share of the cells' squared norm the basis keeps, on the cells it was fitted to
     built_s: float
     info: dict[str, Any]
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes_bits.nbytes + self.basis.nbytes)
+        return int(self.codes.nbytes + self.basis.nbytes)
+
+    def values(self, rows: np.ndarray) -> np.ndarray:
+        """(..., d) float32: the projected values that codes (..., d / 2) stand for (a reference and the fallback
+        of machines without the native kernel; the kernel decodes in registers)."""
+        return unpack_codes(rows) * self.steps + self.means
+
+
+def pack_codes(levels: np.ndarray) -> np.ndarray:
+    """(..., d) nibbles 0..15 -> (..., d / 2) bytes: each group of 32 values in 16 bytes, byte i holding value i in
+    its low nibble and value 16 + i in its high one (the layout the kernel's decoders unpack with table lookups)."""
+    *lead, d = levels.shape
+    groups = np.asarray(levels, dtype=np.uint8).reshape(*lead, d // CODE_GROUP, 2, CODE_GROUP // 2)
+    return (groups[..., 0, :] | (groups[..., 1, :] << 4)).reshape(*lead, d // 2)
+
+
+def unpack_codes(codes: np.ndarray) -> np.ndarray:
+    """`pack_codes` undone, as the levels nibble - 7.5 in float32."""
+    *lead, half = codes.shape
+    groups = np.asarray(codes).reshape(*lead, half // (CODE_GROUP // 2), 1, CODE_GROUP // 2)
+    nibbles = np.concatenate([groups & 0x0F, groups >> 4], axis=-2).reshape(*lead, 2 * half)
+    return nibbles.astype(np.float32) - np.float32(7.5)
 
 
 def features_signature(cache_dir: Path, manifest: Manifest) -> dict[str, Any]:
@@ -368,12 +394,17 @@ def open_index(cache_dir: Path, manifest: Manifest) -> FirstStageIndex:
     n = manifest.image_count
     h, w, c = manifest.grid
     try:
-        basis = open_array(folder / INDEX_BASIS_FILE, np.float32, (c, dims))
-        codes = open_array(folder / INDEX_CODES_FILE, np.uint16, (n, h, w, dims))
+        if dims <= 0 or dims % CODE_GROUP:
+            raise CacheError(f"{folder / INDEX_FILE}: dims {dims} is not a positive multiple of {CODE_GROUP}")
+        basis = np.array(open_array(folder / INDEX_BASIS_FILE, np.float32, (c, dims)))
+        steps, means = np.array(open_array(folder / INDEX_QUANTISER_FILE, np.float32, (2, dims)))
+        codes = open_array(folder / INDEX_CODES_FILE, np.uint8, (n, h, w, dims // 2))
+        if not (np.isfinite(basis).all() and np.isfinite(steps).all() and np.isfinite(means).all()):
+            raise CacheError(f"{folder}: the basis or the quantiser holds values that are not finite")
     except CacheError as exc:
         raise IndexUnusable("damaged", f"{exc} (first-stage index: {rebuild})") from None
-    return FirstStageIndex(dims=dims, basis=np.array(basis), codes_bits=codes, energy=float(info.get("energy", 0.0)),
-                           built_s=float(info.get("built_s", 0.0)), info=info)
+    return FirstStageIndex(dims=dims, basis=basis, steps=steps, means=means, codes=codes,
+                           energy=float(info.get("energy", 0.0)), built_s=float(info.get("built_s", 0.0)), info=info)
 
 
 _MADV_RANDOM, _MADV_WILLNEED, _MADV_DONTNEED = 1, 3, 4  # the same values on Linux, macOS and the BSDs

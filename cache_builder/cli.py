@@ -88,8 +88,8 @@ def make_parser() -> argparse.ArgumentParser:
         "command resumes it; the cache stays searchable meanwhile.",
     )
     index.add_argument("cache", type=Path, help="cache folder")
-    index.add_argument("--dims", type=int, help="dimensions kept per cell (default: 64, at most half the "
-                       "channels)")
+    index.add_argument("--dims", type=int, help="dimensions kept per cell, 4 bits each, a multiple of 32 "
+                       "(default: 128, or half the channels rounded up to 32)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = commands.add_parser(
@@ -153,7 +153,7 @@ def run_index(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    print(f"index complete: {args.cache / 'index'} ({index.dims} dimensions per cell, {index.energy:.0%} of the "
+    print(f"index complete: {args.cache / 'index'} ({index.dims} dimensions per cell in 4 bits, {index.energy:.0%} of the "
           f"features' energy, {index.nbytes / 2**20:,.1f} MiB, built in {index.built_s:.1f} s)")
     return 0
 
@@ -218,7 +218,7 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
     try:
         index = fmt.open_index(args.cache, manifest)
-        print(f"index       {index.dims} dimensions per cell ({index.energy:.0%} of the energy), "
+        print(f"index       {index.dims} dimensions per cell in 4 bits ({index.energy:.0%} of the energy), "
               f"{index.nbytes / 2**20:,.1f} MiB: `--mode approx` searches")
     except fmt.IndexUnusable as exc:
         print(f"index       none usable ({exc.problem}): searches are exact")

@@ -47,7 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="exact: score every image; approx: two-tier (first-stage index, then an exact rerank "
                         "of its best candidates); auto (default): exact while the cache fits in RAM")
     search.add_argument("--rerank", type=int, metavar="N", help="two-tier: candidates reranked exactly "
-                        "(default: 2%% of the searched images, at least 1,000)")
+                        "(default: 0.5%% of the searched images, at least 1,000)")
     search.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default: csv)")
     return parser
 

@@ -111,10 +111,6 @@ class FeatureCache:
             self._scattered = fmt.open_scattered(self.path / fmt.FEATURES_FILE, self.features_bits)
         return self._scattered
 
-    def index_codes(self) -> torch.Tensor:
-        """(N, H, W, d) bfloat16 view of the first stage's projected cells (no copy)."""
-        return tensor_view(self.first_stage().codes_bits).view(torch.bfloat16)
-
     def image_features(self, image_id: int) -> np.ndarray:
         """(H, W, C) float32 features of one cached image: a query that needs no model run."""
         return fmt.from_bfloat16_bits(self.features_bits[self.check_id(image_id)])

@@ -2,10 +2,11 @@
 the exact kernel reranks them from the bfloat16 cache, so every reported hit has its exact score and window.
 
 The first stage is the exact search's own formula on smaller vectors: each cell projected onto the index's d
-principal directions (`cache_builder/index.py`), the query region projected alike, the denominators from the
-cache's exact squared norms. It runs on the same kernel paths (`dashboard.scoring`), honours the same filters,
-and reads d/C of the bytes. What it gets wrong is only the order of images whose scores are close, which is why
-its top `rerank_depth` (2% of the searched images, at least 1,000) are scored again exactly.
+principal directions and stored in 4 bits (`cache_builder/index.py`), the query region projected alike, the
+denominators from the cache's exact squared norms. It runs on the kernel's integer paths
+(`dashboard.scoring.score_codes`), honours the same filters, and reads d / 4C of the bytes. What it gets wrong is
+only the order of images whose scores are close, which is why its top `rerank_depth` (0.5% of the searched
+images, at least 1,000) are scored again exactly.
 
 Modes: `exact` scans everything; `approx` needs a usable index (else a clear error); `auto` (the default) is
 exact while the cache's arrays fit comfortably in RAM (half of it), and two-tier beyond, falling back to exact
@@ -29,7 +30,7 @@ from dashboard.geometry import QueryError
 from dashboard.region_query import RegionQuery
 
 MODES = ("auto", "exact", "approx")
-RERANK_FRACTION = 0.02
+RERANK_FRACTION = 0.005
 MIN_RERANK = 1000
 AUTO_RAM_SHARE = 0.5  # auto stays exact while the features and norms take at most this share of the RAM
 
@@ -58,9 +59,9 @@ def fits_in_ram(cache: FeatureCache) -> bool:
 
 
 def rerank_depth(searched: int, k: int, depth: int | None = None) -> int:
-    """How many first-stage candidates are reranked exactly: `depth` if given, else 2% of the searched images
-    (at least 1,000 and at least k). On real features (`benchmarks/first_stage.py`, 64 dimensions) a 1% rerank
-    gave recall@10 0.93-0.98 by mask size, 2% gave 0.96-0.99."""
+    """How many first-stage candidates are reranked exactly: `depth` if given, else 0.5% of the searched images
+    (at least 1,000 and at least k). On real features (`benchmarks/first_stage.py`, 128 dimensions in 4 bits) a
+    0.5% rerank gave recall@10 0.95-0.985 by mask size, 1% gave 0.99-0.995."""
     if depth is not None:
         if depth < 1:
             raise QueryError(f"the rerank depth must be at least 1 (got {depth})")
@@ -86,7 +87,7 @@ def choose_mode(requested: str, cache: FeatureCache, searched: int, depth: int) 
         return ModeChoice("exact", "every image scored exactly",
                           warning=f"the cache is larger than half the RAM but its index is {exc.problem} ({exc}); "
                           "searching exactly, which reads every feature")
-    per_image, per_code = cache.features_bits[0].nbytes, index.codes_bits[0].nbytes
+    per_image, per_code = cache.features_bits[0].nbytes, index.codes[0].nbytes
     if searched * (per_image - per_code) <= depth * per_image:  # two tiers would read more than one scan
         return ModeChoice("exact", f"only {searched:,} images to search (rerank depth {depth:,}): scored exactly")
     return ModeChoice("approx", f"two-tier: a {index.dims}-dimension first stage over {searched:,} images, "
@@ -113,9 +114,7 @@ def _top(scores: np.ndarray, depth: int) -> np.ndarray:
 def first_stage_scores(cache: FeatureCache, query: RegionQuery, ids: np.ndarray | None,
                        backend: str | None = None) -> scoring.WindowScores:
     """Every searched image's best window by the first stage (approximate scores, projected numerators)."""
-    index = cache.first_stage()
-    return scoring.score_windows(cache.index_codes(), cache.sqnorms, query.projected(index.basis), ids,
-                                 backend=backend)
+    return scoring.score_codes(cache.first_stage(), cache.sqnorms, query, ids, backend=backend)
 
 
 def rerank(cache: FeatureCache, query: RegionQuery, shortlisted: np.ndarray, backend: str | None = None,
@@ -198,7 +197,7 @@ def index_status(cache: FeatureCache) -> str:
                 + ("" if fits else "; this cache is larger than half the RAM, so add one with "
                    f"`python -m cache_builder index {cache.path}`"))
     auto = "exact (the cache fits in RAM)" if fits else "two-tier"
-    return (f"first-stage index: {index.dims} dimensions per cell, {index.nbytes / 2**30:,.2f} GiB, "
+    return (f"first-stage index: {index.dims} dimensions per cell in 4 bits, {index.nbytes / 2**30:,.2f} GiB, "
             f"{index.energy:.0%} of the energy; `auto` searches run {auto}")
 
 

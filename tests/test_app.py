@@ -37,10 +37,10 @@ def test_caches_page_shows_a_caches_first_stage_index(small_cache, tmp_path, mon
     from cache_builder.index import build_index
 
     shutil.copytree(small_cache.path, tmp_path / "tiny")
-    build_index(tmp_path / "tiny", dims=4)
+    build_index(tmp_path / "tiny", dims=32)
     at = app(tmp_path, monkeypatch).run()
     assert not at.exception
-    assert any("first-stage index: 4 dimensions per cell" in c.value and "run exact (the cache fits in RAM)"
+    assert any("first-stage index: 32 dimensions per cell" in c.value and "run exact (the cache fits in RAM)"
                in c.value for c in at.caption)
 
 

@@ -20,6 +20,7 @@ from cache_builder.build import STATE_FILE, BuildOptions, build_cache
 from cache_builder.errors import BuildError
 from cache_builder.sources import SourceOptions, parse_source
 from cache_builder import cache_format as fmt
+from cache_builder.index import default_dims
 from dashboard.feature_cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,11 +121,12 @@ def test_rerunning_a_complete_build_does_nothing(built, built_sources):
 def test_a_new_cache_gets_its_first_stage_index_and_a_rerun_restores_a_lost_one(built, built_sources, tmp_path):
     out, manifest = built
     index = FeatureCache.open(out).first_stage()
-    assert index.codes_bits.shape == (12, 3, 3, 64)
+    channels = manifest.grid[2]
+    assert index.dims == default_dims(channels) and index.codes.shape == (12, 3, 3, index.dims // 2)
     shutil.rmtree(out / fmt.INDEX_DIR)  # as if the index build had been interrupted
     indexed = []
     build_cache(built_sources, out, BuildOptions(**SMALL), on_index_progress=lambda d, t: indexed.append((d, t)))
-    assert FeatureCache.open(out).first_stage().dims == 64 and indexed[-1] == (12, 12)
+    assert FeatureCache.open(out).first_stage().dims == index.dims and indexed[-1] == (12, 12)
     bare = tmp_path / "bare"
     build_cache(built_sources[:1], bare, BuildOptions(**SMALL, index=False))
     assert not (bare / fmt.INDEX_DIR).exists()

@@ -233,7 +233,7 @@ def indexed_caches(tmp_path, monkeypatch) -> Path:
     rng = np.random.default_rng(5)
     images = rng.integers(0, 255, size=(2500, 48, 48, 3), dtype=np.uint8)
     domains = pd.DataFrame({"domain": ["in" if i % 3 else "out" for i in range(2500)]})
-    write_array_cache(tmp_path / "big", rng.standard_normal((2500, 5, 6, 16), dtype=np.float32), input_size=48,
+    write_array_cache(tmp_path / "big", rng.standard_normal((2500, 5, 6, 64), dtype=np.float32), input_size=48,
                       images=images, metadata=domains)
     shutil.copytree(tmp_path / "big", tmp_path / "bare")
     build_index(tmp_path / "big")
@@ -247,7 +247,7 @@ def test_a_two_tier_search_says_so_with_its_recall_and_labels_its_chart(indexed_
     at.run()
     assert not at.exception, at.exception
     caption = texts(at.caption)
-    assert "approximate: two-tier: a 8-dimension first stage over 2,499 images, its best 1,000 reranked" in caption
+    assert "approximate: two-tier: a 32-dimension first stage over 2,499 images, its best 1,000 reranked" in caption
     assert "recall@10 1 cell" in caption and at.radio(key="search-mode").value == "approx"
     specs = [chart.proto.spec for chart in at.get("plotly_chart")]
     assert any("Approximate (first-stage) scores of all 2,499 searched images" in spec for spec in specs)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cache_builder import cache_format as fmt
 from cache_builder.cache_format import encode_features
 from conftest import reference_scores
 from dashboard import scoring
@@ -183,7 +186,8 @@ def test_picture_share_counts_the_regions_weight_on_the_picture():
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ({"avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"}, "avx512-bf16"),
+    ({"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx2", "fma"}, "avx512-bf16"),
+    ({"avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"}, "avx2"),  # BF16 without VNNI (no such CPU known)
     ({"avx2", "fma", "avx512f"}, "avx2"),  # AVX-512 without BF16: the AVX2 path
     ({"sse4_2"}, "portable"),
     ({"fp", "asimd"}, "neon"),  # 64-bit ARM's Features line
@@ -204,3 +208,80 @@ def test_a_path_the_cpu_lacks_is_refused_by_name_and_skipped_by_native(monkeypat
     assert scoring.get_scorer("native").kernel().isa == "avx2+fma"
     monkeypatch.setattr(kernel, "cpu_flags", lambda: frozenset())
     assert scoring.get_scorer("native").kernel().isa == "portable float32"
+
+
+# ---------------------------------------------------------------------------------------------- first stage
+
+def code_index(rng, n: int, grid: tuple[int, int], channels: int, dims: int) -> fmt.FirstStageIndex:
+    """A first-stage index of random 4-bit codes over an orthonormal basis (what `build_index` writes)."""
+    basis = np.linalg.qr(rng.normal(size=(channels, dims)))[0].astype(np.float32) if dims <= channels else \
+        np.pad(np.linalg.qr(rng.normal(size=(channels, channels)))[0], ((0, 0), (0, dims - channels))).astype(
+            np.float32)
+    levels = rng.integers(0, 16, size=(n, *grid, dims), dtype=np.uint8)
+    return fmt.FirstStageIndex(dims=dims, basis=basis, steps=rng.uniform(0.05, 0.5, dims).astype(np.float32),
+                               means=rng.normal(size=dims).astype(np.float32), codes=fmt.pack_codes(levels),
+                               energy=1.0, built_s=0.0, info={})
+
+
+def first_stage_reference(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQuery) -> np.ndarray:
+    """(N, windows) in float64: the formula with numerators on the codes' values and the exact squared norms."""
+    values = index.values(np.asarray(index.codes)).astype(np.float64)
+    projected = query.features.astype(np.float64) @ index.basis.astype(np.float64)
+    weights = query.weights.astype(np.float64) ** 2
+    h, w = weights.shape
+    n, grid_h, grid_w, _ = values.shape
+    out = np.zeros((n, grid_h - h + 1, grid_w - w + 1))
+    for y in range(grid_h - h + 1):
+        for x in range(grid_w - w + 1):
+            numerator = np.einsum("nhwd,hwd->n", values[:, y:y + h, x:x + w], weights[..., None] * projected)
+            denominator = np.sqrt((sqnorms[:, y:y + h, x:x + w] * weights).sum(axis=(1, 2))) * query.norm
+            out[:, y, x] = np.clip(np.where(denominator > 0, numerator / np.maximum(denominator, 1e-30), 0), -1, 1)
+    return out.reshape(n, -1)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 9), grid=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+       dims=st.sampled_from([32, 64, 96, 160]), soft=st.booleans(), data=st.data())
+def test_first_stage_scores_are_the_formula_on_the_codes_values(seed, n, grid, dims, soft, data):
+    """Every native path gives the same first-stage scores (exact integer dot products), within the int8 rounding
+    of the query of the formula on what the codes stand for; the torch fallback within bfloat16 of it. (The
+    harness in test_kernel_paths checks each path's integers exactly.)"""
+    rng = np.random.default_rng(seed)
+    channels = data.draw(st.sampled_from([dims // 2, dims, dims + 7]))
+    index = code_index(rng, n, grid, channels, dims)
+    sqnorms = rng.uniform(0.5, 30.0, size=(n, *grid)).astype(np.float32)
+    h, w = data.draw(st.integers(1, grid[0])), data.draw(st.integers(1, grid[1]))
+    mask = np.zeros(grid, np.float32)
+    mask[:h, :w] = rng.uniform(0.1, 1.0, size=(h, w)) if soft else 1.0
+    query = RegionQuery.from_grid_mask(rng.normal(size=(*grid, channels)).astype(np.float32), mask)
+    expected = first_stage_reference(index, sqnorms, query)
+    ids = np.sort(rng.choice(n, data.draw(st.integers(1, n)), replace=False))
+    native = [b for b in BACKENDS if b != "torch"]
+    results = {b: scoring.score_codes(index, sqnorms, query, ids, backend=b) for b in BACKENDS}
+    # the int8 query is off by at most half its step per value, each value times a level of at most 7.5
+    values = query.weights[..., None].astype(np.float64) ** 2 * (query.features @ index.basis) * index.steps
+    step = np.abs(values).max() / 127
+    smallest = np.sqrt(sqnorms.min() * (query.weights.astype(np.float64) ** 2).sum()) * query.norm
+    bound = 0.5 * step * 7.5 * values.size / smallest + 1e-5
+    for backend, found in results.items():
+        best = expected[ids].max(axis=1)
+        np.testing.assert_allclose(found.scores, best, atol=bound + (0.02 if backend == "torch" else 0))
+        assert np.array_equal(found.ids, ids)
+    for backend in native[1:]:
+        assert np.array_equal(results[backend].scores, results[native[0]].scores), backend
+        assert np.array_equal(results[backend].position, results[native[0]].position), backend
+
+
+def test_first_stage_scores_follow_the_codes():
+    """Changing one image's codes changes only that image's first-stage score (the kernel reads each row)."""
+    rng = np.random.default_rng(4)
+    index = code_index(rng, 12, (5, 6), 16, 32)
+    sqnorms = rng.uniform(1, 5, size=(12, 5, 6)).astype(np.float32)
+    mask = np.zeros((5, 6), np.float32)
+    mask[1:3, 2:4] = 1
+    query = RegionQuery.from_grid_mask(rng.normal(size=(5, 6, 16)).astype(np.float32), mask)
+    before = scoring.score_codes(index, sqnorms, query).scores
+    codes = np.array(index.codes)
+    codes[5] ^= 0x33
+    after = scoring.score_codes(dataclasses.replace(index, codes=codes), sqnorms, query).scores
+    assert after[5] != before[5] and np.array_equal(np.delete(after, 5), np.delete(before, 5))

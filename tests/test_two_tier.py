@@ -18,7 +18,7 @@ from dashboard.geometry import QueryError
 from dashboard.metadata import MetadataFilter
 from dashboard.search import SearchRequest, search_regions
 
-N, GRID = 400, (5, 6, 32)
+N, GRID = 400, (5, 6, 96)
 
 
 def synthetic(seed: int = 3) -> np.ndarray:
@@ -33,7 +33,7 @@ def indexed(tmp_path_factory) -> FeatureCache:
     metadata = pd.DataFrame({"group": [f"g{i % 37}" for i in range(N)], "half": ["a" if i < N // 2 else "b"
                                                                                   for i in range(N)]})
     write_array_cache(path, synthetic(), metadata=metadata)
-    build_index(path, dims=8)
+    build_index(path, dims=32)
     return FeatureCache.open(path)
 
 
@@ -82,7 +82,7 @@ def test_a_rerank_covering_every_candidate_gives_the_exact_answer(indexed):
 
 def test_the_first_stage_finds_most_of_the_exact_top_10(indexed):
     estimate = two_tier.estimate_recall(indexed, depth_share=0.1, sample=N, queries=6)
-    assert min(estimate.recall.values()) >= 0.6, estimate  # 8 of 32 dims, 10% reranked; exact would be 1.0
+    assert min(estimate.recall.values()) >= 0.6, estimate  # 32 of 96 dims, 10% reranked; exact would be 1.0
     assert "recall@10" in estimate.summary()
 
 
@@ -125,7 +125,7 @@ def test_without_an_index_auto_warns_and_runs_exact_and_approx_says_why(bare_cop
 
 def test_a_stale_or_damaged_index_falls_back_in_auto_and_fails_clearly_in_approx(bare_copy, tiny_ram):
     path = bare_copy.path
-    build_index(path, dims=8)
+    build_index(path, dims=32)
     assert search(FeatureCache.open(path), mode="auto", rerank=40).mode.mode == "approx"
 
     stored = np.load(path / fmt.FEATURES_FILE, mmap_mode="r+")
@@ -137,7 +137,7 @@ def test_a_stale_or_damaged_index_falls_back_in_auto_and_fails_clearly_in_approx
     with pytest.raises(QueryError, match="features changed since the index was built"):
         search(stale, mode="approx", rerank=40)
 
-    build_index(path, dims=8)
+    build_index(path, dims=32)
     (path / fmt.INDEX_DIR / fmt.INDEX_BASIS_FILE).write_bytes(b"garbage")
     damaged = FeatureCache.open(path)
     assert "index is damaged" in search(damaged, mode="auto", rerank=40).mode.warning
@@ -147,12 +147,12 @@ def test_a_stale_or_damaged_index_falls_back_in_auto_and_fails_clearly_in_approx
 
 def test_an_index_added_while_the_cache_is_open_is_found(bare_copy, tiny_ram):
     assert search(bare_copy, mode="auto", rerank=40).mode.mode == "exact"
-    build_index(bare_copy.path, dims=8)
+    build_index(bare_copy.path, dims=32)
     assert search(bare_copy, mode="auto", rerank=40).mode.mode == "approx"
 
 
 def test_rerank_depth_rule():
-    assert two_tier.rerank_depth(1_000_000, 10) == 20_000
+    assert two_tier.rerank_depth(1_000_000, 10) == 5_000
     assert two_tier.rerank_depth(5_000, 10) == 1_000
     assert two_tier.rerank_depth(5_000, 2_000) == 2_000
     assert two_tier.rerank_depth(5_000, 10, depth=50) == 50
@@ -162,8 +162,8 @@ def test_rerank_depth_rule():
 
 def test_index_status_says_what_auto_runs(bare_copy, tiny_ram, monkeypatch):
     assert "add one with `python -m cache_builder index" in two_tier.index_status(bare_copy)
-    build_index(bare_copy.path, dims=8)
-    assert "8 dimensions per cell" in two_tier.index_status(bare_copy)
+    build_index(bare_copy.path, dims=32)
+    assert "32 dimensions per cell in 4 bits" in two_tier.index_status(bare_copy)
     assert "`auto` searches run two-tier" in two_tier.index_status(bare_copy)
     monkeypatch.setattr(two_tier, "ram_bytes", lambda: 2**40)
     assert "run exact (the cache fits in RAM)" in two_tier.index_status(bare_copy)

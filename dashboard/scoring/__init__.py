@@ -23,15 +23,17 @@ import logging
 import numpy as np
 import torch
 
+from cache_builder import cache_format as fmt
 from dashboard import settings
 from dashboard.geometry import QueryError
 from dashboard.region_query import RegionQuery
 from dashboard.scoring.base import PreparedQuery, Scorer, WindowScores, check_ids
+from dashboard.scoring.kernel import KernelQuery
 from dashboard.scoring.native import NativeScorer
 from dashboard.scoring.torch_path import TorchScorer
 
 __all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "engine_status", "get_scorer",
-           "prepare", "runnable_scorers", "score_windows", "window_score_maps"]
+           "prepare", "runnable_scorers", "score_codes", "score_windows", "window_score_maps"]
 
 SCORERS: dict[str, Scorer] = {
     "native": NativeScorer(None, "native kernel, the best path of this CPU"),
@@ -116,6 +118,46 @@ def score_windows(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuer
     if content is not None:
         _best_on_the_picture(prepared, features, sqnorms, query, all_ids, np.asarray(content), scores, positions)
     return WindowScores(all_ids, scores, positions, prepared.out_w)
+
+
+CODE_CHUNK_IMAGES = 4096  # images decoded at a time where the kernel cannot read the codes itself
+
+
+def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQuery, ids: np.ndarray | None = None,
+                backend: str | None = None) -> WindowScores:
+    """Best window of the images `ids` (all when None) by the first stage: the same formula with the numerators
+    taken from the 4-bit codes' values (`index.values`) and the exact squared norms, so the scores approximate
+    the exact ones. The native kernel unpacks the codes image by image and takes integer dot products with the
+    query quantised to int8 (each dimension's step folded in, its mean in one offset): every native path gives the
+    same numbers. Other backends score decoded chunks (rounded to bfloat16)."""
+    projected = (query.features @ index.basis).astype(np.float32)
+    scorer = get_scorer(backend)
+    if ids is not None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        check_ids(ids, index.codes.shape[0])
+    all_ids = np.arange(index.codes.shape[0], dtype=np.int64) if ids is None else ids
+    out_w = query.grid[1] - query.box[1] + 1
+    if isinstance(scorer, NativeScorer):
+        weights_sq = query.weights.astype(np.float64)[..., None] ** 2
+        means_share = float(np.sum(weights_sq * projected * index.means))
+        kernel = scorer.kernel()
+        prepared = KernelQuery.for_codes(projected * index.steps, query.weights, query.grid, query.norm,
+                                         means_share, kernel.code_chunk_bytes)
+        scores, windows, _ = kernel.score_codes(prepared, index.codes, np.asarray(sqnorms), ids)
+        return WindowScores(all_ids, scores, windows.astype(np.int64), out_w)
+    small = query.projected(index.basis)
+    prepared_small = scorer.prepare(small, query.grid, index.dims)
+    # such a backend divides by the projected query's norm: the values scaled by its ratio to the full one give
+    # the native scores (and their clipping at 1)
+    ratio = np.float32(small.norm / query.norm) if query.norm > 0 else np.float32(1)
+    scores, positions = np.empty(len(all_ids), np.float32), np.empty(len(all_ids), np.int64)
+    for start in range(0, len(all_ids), CODE_CHUNK_IMAGES):
+        chunk = all_ids[start:start + CODE_CHUNK_IMAGES]
+        bits = fmt.to_bfloat16_bits(index.values(index.codes[chunk]) * ratio)
+        part = prepared_small.best_windows(torch.from_numpy(bits).view(torch.bfloat16),
+                                           np.ascontiguousarray(sqnorms[chunk]), None)
+        scores[start:start + len(chunk)], positions[start:start + len(chunk)] = part
+    return WindowScores(all_ids, scores, positions, out_w)
 
 
 MIN_PICTURE_SHARE = 0.5  # a window must hold at least this share of the region's weight on the picture

@@ -14,6 +14,7 @@ folder gets its own build. Compiling takes about a second, once.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -38,8 +39,8 @@ SOURCE = Path(__file__).with_name("kernel.c")
 # Every path the CPU supports can be built and forced (VFS_SEARCH_BACKEND), so an AVX-512 machine tests and
 # benchmarks the AVX2 path too.
 PATHS: dict[str, tuple[tuple[str, ...], list[str]]] = {
-    "avx512-bf16": (("avx512f", "avx512bw", "avx512_bf16", "avx2", "fma"),
-                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma"]),
+    "avx512-bf16": (("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx2", "fma"),
+                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mavx2", "-mfma"]),
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
     "neon": (("asimd",), []),  # 64-bit ARM (Graviton, Apple): built like the portable path, without VFS_GENERIC
     "portable": ((), ["-DVFS_GENERIC"]),
@@ -63,6 +64,7 @@ class _Query(ctypes.Structure):
         ("n_cells", ctypes.c_int32), ("cell_offsets", ctypes.c_void_p), ("cell_weights", ctypes.c_void_p),
         ("cell_vectors", ctypes.c_void_p), ("query_norm", ctypes.c_float),
         ("n_runs", ctypes.c_int32), ("run_values", ctypes.c_void_p),
+        ("code_values", ctypes.c_void_p), ("numerator_scale", ctypes.c_float), ("numerator_offset", ctypes.c_float),
     ]
 
 
@@ -84,6 +86,9 @@ class KernelQuery:
     query_norm: float
     n_runs: int  # the first n_runs terms are the runs, the rest their bfloat16 remainders
     run_values: np.ndarray  # float32 weight^2 * query of the runs, each 16-value chunk as 8 even, 8 odd values
+    code_values: np.ndarray | None = None  # int8 runs in value order, for 4-bit codes (`for_codes`)
+    numerator_scale: float = 1.0
+    numerator_offset: float = 0.0
 
     @classmethod
     def build(cls, features: np.ndarray, weights: np.ndarray, grid: tuple[int, int], norm: float) -> "KernelQuery":
@@ -128,6 +133,30 @@ class KernelQuery:
             n_runs=len(runs), run_values=np.concatenate([_even_odd(v) for v in run_values]).astype(np.float32),
         )
 
+    @classmethod
+    def for_codes(cls, features: np.ndarray, weights: np.ndarray, grid: tuple[int, int], norm: float,
+                  means_share: float, chunk_bytes: int) -> "KernelQuery":
+        """A first-stage query over 4-bit codes (`vfs_score_codes`): `features` is the projected query times each
+        dimension's step, so that a window's numerator on the codes' values is
+            sum of weight^2 * features * (nibble - 7.5)  +  means_share
+        with means_share the query's dot product with the quantiser's means. The runs' values are quantised to
+        int8 with one scale (127 for the largest), so every path computes the same integer dot product with the
+        nibbles; numerator_scale and numerator_offset undo the scale and add the centring and the means. Each run's
+        values are laid out in the order the kernel's path reads them, `chunk_bytes` packed bytes at a time
+        (`SearchKernel.code_chunk_bytes`)."""
+        if features.shape[2] % fmt.CODE_GROUP:
+            raise ValueError(f"a query over codes has a multiple of {fmt.CODE_GROUP} values per cell")
+        query = cls.build(features, weights, grid, norm)
+        values = np.concatenate([_chunk_order(_natural(query.run_values[start:start + length]), chunk_bytes)
+                                 for start, length in zip(query.term_starts[:query.n_runs],
+                                                          query.term_lengths[:query.n_runs])])
+        largest = float(np.abs(values).max()) if len(values) else 0.0
+        scale = 127.0 / largest if largest > 0 else 1.0
+        code_values = np.clip(np.rint(values * scale), -127, 127).astype(np.int8)
+        offset = means_share - 7.5 * float(code_values.astype(np.int64).sum()) / scale
+        return dataclasses.replace(query, code_values=code_values, numerator_scale=1.0 / scale,
+                                   numerator_offset=offset)
+
     @property
     def windows(self) -> int:
         return self.out_h * self.out_w
@@ -139,7 +168,25 @@ class KernelQuery:
             self.term_starts.ctypes.data, self.term_bits.ctypes.data,
             len(self.cell_offsets), self.cell_offsets.ctypes.data, self.cell_weights.ctypes.data,
             self.cell_vectors.ctypes.data, self.query_norm, self.n_runs, self.run_values.ctypes.data,
+            None if self.code_values is None else self.code_values.ctypes.data, self.numerator_scale,
+            self.numerator_offset,
         )
+
+
+def _chunk_order(values: np.ndarray, chunk_bytes: int) -> np.ndarray:
+    """A run's values in the order a path reads packed codes: per chunk of `chunk_bytes` bytes (the last may be
+    shorter), the values of its 16-byte groups' low nibbles (16 a group), then those of their high nibbles."""
+    groups = values.reshape(-1, 2, fmt.CODE_GROUP // 2)  # per group: low-nibble values, high-nibble values
+    per_chunk = max(1, chunk_bytes // (fmt.CODE_GROUP // 2))
+    return np.concatenate([groups[g:g + per_chunk].transpose(1, 0, 2).reshape(-1)
+                           for g in range(0, len(groups), per_chunk)])
+
+
+def _natural(values: np.ndarray) -> np.ndarray:
+    """`_even_odd` undone."""
+    whole = len(values) // 16 * 16
+    chunks = values[:whole].reshape(-1, 2, 8).transpose(0, 2, 1).reshape(-1)
+    return np.concatenate([chunks, values[whole:]])
 
 
 def _even_odd(values: np.ndarray) -> np.ndarray:
@@ -165,6 +212,13 @@ class SearchKernel:
                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         library.vfs_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES[library.vfs_isa()]
+        self._score_codes = library.vfs_score_codes
+        self._score_codes.restype = ctypes.c_int
+        self._score_codes.argtypes = [ctypes.POINTER(_Query), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p]
+        library.vfs_code_chunk_bytes.restype = ctypes.c_int
+        self.code_chunk_bytes = library.vfs_code_chunk_bytes()  # how this path lays out a query over codes
         self._read = library.vfs_read_bytes
         self._read.restype = ctypes.c_uint64
         self._read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -192,8 +246,36 @@ class SearchKernel:
         `features` (N, H, W, C) bfloat16 and `sqnorms` (N, H, W) float32 must be C-contiguous (a memmap is).
         Extra memory: the outputs, 8 bytes per image (plus 4 per window with `with_all`), and nothing else.
         """
-        n_total = features.shape[0]
         _check_inputs(query, features, sqnorms)
+        rows = features.data_ptr()
+
+        def call(struct, lo, count, ids_at, scores_at, windows_at, every_at):
+            return self._score(struct, rows, sqnorms.ctypes.data, ids_at, lo, count, scores_at, windows_at,
+                               every_at)
+
+        return self._run(query, features.shape[0], ids, with_all, threads, call)
+
+    def score_codes(self, query: KernelQuery, codes: np.ndarray, sqnorms: np.ndarray, ids: np.ndarray | None,
+                    with_all: bool = False, threads: int | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                  np.ndarray | None]:
+        """`score` over 4-bit first-stage codes (N, H, W, C / 2) uint8 (`cache_format.pack_codes`), with a query
+        from `KernelQuery.for_codes` (`dashboard.scoring.score_codes`)."""
+        if query.code_values is None:
+            raise ValueError("a query over codes is built with KernelQuery.for_codes")
+        shape = (*query.grid, query.channels // 2)
+        if codes.dtype != np.uint8 or tuple(codes.shape[1:]) != shape or not codes.flags.c_contiguous:
+            raise ValueError(f"codes must be a contiguous (N, {shape[0]}, {shape[1]}, {shape[2]}) uint8 array")
+        _check_sqnorms(query, codes.shape[0], sqnorms)
+
+        def call(struct, lo, count, ids_at, scores_at, windows_at, every_at):
+            return self._score_codes(struct, codes.ctypes.data, sqnorms.ctypes.data, ids_at, lo, count,
+                                     scores_at, windows_at, every_at)
+
+        return self._run(query, codes.shape[0], ids, with_all, threads, call)
+
+    def _run(self, query: KernelQuery, n_total: int, ids: np.ndarray | None, with_all: bool, threads: int | None,
+             call) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The images split over the shared pool, each slice one native call writing into the outputs."""
         if ids is not None:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             check_ids(ids, n_total)
@@ -205,12 +287,10 @@ class SearchKernel:
         threads = max(1, min(threads or torch.get_num_threads(), count // MIN_IMAGES_PER_THREAD))
 
         def run(lo: int, hi: int) -> int:
-            return self._score(
-                ctypes.byref(struct), features.data_ptr(), sqnorms.ctypes.data,
-                None if ids is None else ids.ctypes.data + 8 * lo, 0 if ids is not None else lo, hi - lo,
-                scores.ctypes.data + 4 * lo, windows.ctypes.data + 4 * lo,
-                None if every is None else every.ctypes.data + 4 * lo * query.windows,
-            )
+            return call(ctypes.byref(struct), 0 if ids is not None else lo, hi - lo,
+                        None if ids is None else ids.ctypes.data + 8 * lo,
+                        scores.ctypes.data + 4 * lo, windows.ctypes.data + 4 * lo,
+                        None if every is None else every.ctypes.data + 4 * lo * query.windows)
 
         if any(_in_parts(count, threads, run)):
             raise MemoryError("the search kernel could not allocate its per-call scratch memory")
@@ -222,9 +302,12 @@ def _check_inputs(query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarra
     shape = (*query.grid, query.channels)
     if features.dtype != torch.bfloat16 or tuple(features.shape[1:]) != shape or not features.is_contiguous():
         raise ValueError(f"features must be a contiguous (N, {shape[0]}, {shape[1]}, {shape[2]}) bfloat16 tensor")
-    if (sqnorms.dtype != np.float32 or sqnorms.shape != (features.shape[0], *query.grid)
-            or not sqnorms.flags.c_contiguous):
-        raise ValueError(f"sqnorms must be a contiguous (N, {shape[0]}, {shape[1]}) float32 array")
+    _check_sqnorms(query, features.shape[0], sqnorms)
+
+
+def _check_sqnorms(query: KernelQuery, n: int, sqnorms: np.ndarray) -> None:
+    if sqnorms.dtype != np.float32 or sqnorms.shape != (n, *query.grid) or not sqnorms.flags.c_contiguous:
+        raise ValueError(f"sqnorms must be a contiguous (N, {query.grid[0]}, {query.grid[1]}) float32 array")
 
 
 def _in_parts(count: int, threads: int, run) -> list:

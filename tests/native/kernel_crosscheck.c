@@ -2,6 +2,9 @@
  * float64 formula's. Built as one translation unit with the kernel, for the machine itself or for another
  * architecture (64-bit ARM under qemu-user), so a path can be checked where Python cannot load it.
  *
+ * Each case is bfloat16 rows (vfs_score_images) or 4-bit codes (vfs_score_codes), whose expected scores follow
+ * the integer contract of KernelQuery.for_codes.
+ *
  * Usage: kernel_crosscheck CASES_FILE -> prints "ok <isa> <cases> <max error>" and exits 0, or says what differs.
  */
 #include "../../dashboard/scoring/kernel.c"
@@ -39,6 +42,7 @@ int main(int argc, char **argv) {
     const int64_t cases = read_i64(f);
     const double tolerance = 1.0 / 16384; /* 2^-14: float32 accumulation of float32-exact products */
     double worst = 0.0;
+    int64_t checked = 0;
     for (int64_t k = 0; k < cases; k++) {
         vfs_query q;
         const int64_t n = read_i64(f);
@@ -51,9 +55,13 @@ int main(int argc, char **argv) {
         q.n_cells = (int32_t)read_i64(f);
         q.n_runs = (int32_t)read_i64(f);
         const int64_t n_bits = read_i64(f), n_run_values = read_i64(f);
-        float norm;
-        if (fread(&norm, sizeof norm, 1, f) != 1) return 2;
-        q.query_norm = norm;
+        const int32_t code_chunk = (int32_t)read_i64(f); /* 0: bfloat16 rows; else 4-bit codes laid out for a path
+                                                            that reads this many packed bytes at a time */
+        float floats[3];
+        if (fread(floats, sizeof(float), 3, f) != 3) return 2;
+        q.query_norm = floats[0];
+        q.numerator_scale = floats[1];
+        q.numerator_offset = floats[2];
         q.term_offsets = read_array(f, sizeof(int32_t), q.n_terms);
         q.term_lengths = read_array(f, sizeof(int32_t), q.n_terms);
         q.term_starts = read_array(f, sizeof(int64_t), q.n_terms);
@@ -62,13 +70,19 @@ int main(int argc, char **argv) {
         q.cell_weights = read_array(f, sizeof(float), q.n_cells);
         q.cell_vectors = read_array(f, sizeof(float), (size_t)q.n_cells * q.channels);
         q.run_values = read_array(f, sizeof(float), n_run_values);
+        q.code_values = code_chunk ? read_array(f, sizeof(int8_t), n_run_values) : NULL;
         const size_t positions = (size_t)q.grid_h * q.grid_w, windows = (size_t)q.out_h * q.out_w;
-        uint16_t *features = read_array(f, sizeof(uint16_t), n * positions * q.channels);
+        void *rows = code_chunk ? read_array(f, 1, n * positions * q.channels / 2)
+                                : read_array(f, sizeof(uint16_t), n * positions * q.channels);
         float *sqnorms = read_array(f, sizeof(float), n * positions);
         float *expected = read_array(f, sizeof(float), n * windows);
+        if (code_chunk && code_chunk != vfs_code_chunk_bytes()) continue; /* another path's layout */
+        checked++;
         float *best = malloc(sizeof(float) * n), *every = malloc(sizeof(float) * n * windows);
         int32_t *at = malloc(sizeof(int32_t) * n);
-        if (vfs_score_images(&q, features, sqnorms, NULL, 0, n, best, at, every) != 0) {
+        const int status = code_chunk ? vfs_score_codes(&q, rows, sqnorms, NULL, 0, n, best, at, every)
+                                      : vfs_score_images(&q, rows, sqnorms, NULL, 0, n, best, at, every);
+        if (status != 0) {
             fprintf(stderr, "case %lld: the kernel could not allocate\n", (long long)k);
             return 1;
         }
@@ -76,8 +90,9 @@ int main(int argc, char **argv) {
             const double error = fabs((double)every[i] - (double)expected[i]);
             worst = error > worst ? error : worst;
             if (error > tolerance) {
-                fprintf(stderr, "case %lld (grid %dx%dx%d, %d runs): window score %zu is %.7f, expected %.7f\n",
-                        (long long)k, q.grid_h, q.grid_w, q.channels, q.n_runs, i, every[i], expected[i]);
+                fprintf(stderr, "case %lld (grid %dx%dx%d, %d runs%s): window score %zu is %.7f, expected %.7f\n",
+                        (long long)k, q.grid_h, q.grid_w, q.channels, q.n_runs, code_chunk ? ", codes" : "", i,
+                        every[i], expected[i]);
                 return 1;
             }
         }
@@ -87,6 +102,6 @@ int main(int argc, char **argv) {
                 return 1;
             }
     }
-    printf("ok isa=%d cases=%lld max_error=%.3g\n", vfs_isa(), (long long)cases, worst);
+    printf("ok isa=%d cases=%lld max_error=%.3g\n", vfs_isa(), (long long)checked, worst);
     return 0;
 }
