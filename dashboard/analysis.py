@@ -162,3 +162,30 @@ def chartable_columns(column_types: dict[str, str], distinct: dict[str, int] | N
     return [c for c, kind in column_types.items()
             if c not in exclude and kind in ("VARCHAR", "BOOLEAN", "VARCHAR[]")
             and (distinct is None or 1 <= distinct.get(c, 0) <= MAX_GROUPS)]
+
+
+def group_columns(chartable: Sequence[str], distinct: dict[str, int]) -> list[str]:
+    """The chartable columns with at least two values: a one-value column (every image from one `source`
+    folder, say) draws a single full bar that says nothing."""
+    return [c for c in chartable if distinct.get(c, 0) >= 2]
+
+
+def default_group_column(columns: Sequence[str], label_column: str | None) -> str | None:
+    """What "Group by" opens on: `domain`, else the manifest's label column, else the first column (all from
+    `group_columns`, so each has 2 to MAX_GROUPS values); None when no column has anything to show."""
+    for preferred in ("domain", label_column):
+        if preferred in columns:
+            return preferred
+    return columns[0] if columns else None
+
+
+def label_summary(hits: pd.DataFrame, query_label: Any, label_column: str) -> str | None:
+    """One line for the query's label among the hits ("12 of 20 hits (60%) share the query's label 'cat'"), or
+    None when the query has no label to compare."""
+    wanted = set(_values(query_label)) - {MISSING}
+    if not wanted or hits.empty:
+        return None
+    agreeing = int(hits[label_column].map(lambda cell: bool(wanted & set(_values(cell)))).sum())
+    shown = ", ".join(sorted(wanted))
+    return (f"{agreeing} of {len(hits)} hits ({agreeing / len(hits):.0%}) share the query's {label_column} "
+            f"'{shown}'")

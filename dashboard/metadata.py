@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -54,6 +55,7 @@ class MetadataStore:
             if required not in self.column_types:
                 raise CacheError(f"{path}: table `{METADATA_TABLE}` has no `{required}` column")
         self._lock = threading.Lock()
+        _OPEN_STORES.add(self)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> duckdb.DuckDBPyConnection:
         with self._lock:
@@ -133,12 +135,61 @@ class MetadataStore:
 
     def filter_ids(self, flt: MetadataFilter | None) -> np.ndarray:
         """Sorted ids of the rows that pass the filter (all ids for no filter)."""
-        where, params = self.where_clause(flt or MetadataFilter())
+        flt = flt or MetadataFilter()
+        where, params = self.where_clause(flt)
         try:
             rows = self._query(f"SELECT id FROM {METADATA_TABLE}{where} ORDER BY id", params).fetchnumpy()
         except (duckdb.ConversionException, duckdb.BinderException, duckdb.InvalidInputException) as exc:
-            raise FilterError(f"a filter value does not fit its column's type: {exc}".splitlines()[0]) from None
+            misfit = self._misfit_value(flt)
+            raise FilterError(misfit or f"a filter value does not fit its column's type: {exc}".splitlines()[0]) \
+                from None
         return np.asarray(rows["id"], dtype=np.int64)
+
+    def _fits(self, column: str, value: Any) -> bool:
+        """Whether `value` converts to the (non-list) column's type, as the filter's comparison would."""
+        try:
+            self._query(f"SELECT CAST(? AS {self.column_types[column]})", [value]).fetchone()
+        except duckdb.Error:
+            return False
+        return True
+
+    def _misfit_value(self, flt: MetadataFilter) -> str | None:
+        """The first filter value that does not convert to its column's type, said with the column's name."""
+        pairs = [(c, v) for c, values in flt.equals.items() for v in values if v is not None]
+        pairs += [(c, v) for c, bounds in flt.ranges.items() for v in bounds if v is not None]
+        for column, value in pairs:
+            if column in self.column_types and not self.is_list(column) and not self._fits(column, value):
+                return (f"the filter value {value!r} does not fit column '{column}', which holds "
+                        f"{self.column_types[column]} values")
+        return None
+
+    def absent_filter_values(self, flt: MetadataFilter) -> list[str]:
+        """One note for each filter column this table lacks and each filter value no row holds (a shared link
+        made on other or older data): the filter widgets cannot show them, so they would be dropped silently."""
+        notes: list[str] = []
+        for column in {**flt.equals, **flt.ranges, **flt.contains_any}:
+            if column not in self.column_types:
+                notes.append(f"the link filters on '{column}', which this cache has no column for: ignored")
+        for column, values in [*flt.equals.items(), *flt.contains_any.items()]:
+            if column not in self.column_types:
+                continue
+            ident = quote_identifier(column)
+            for value in values:
+                if self.is_list(column):
+                    sql, params = f"SELECT bool_or(list_contains({ident}, ?)) FROM {METADATA_TABLE}", [str(value)]
+                elif value is None:
+                    sql, params = f"SELECT bool_or({ident} IS NULL) FROM {METADATA_TABLE}", []
+                elif not self._fits(column, value):
+                    notes.append(f"the link's filter value {value!r} does not fit column '{column}' "
+                                 f"({self.column_types[column]}): ignored")
+                    continue
+                else:
+                    sql, params = f"SELECT bool_or({ident} = ?) FROM {METADATA_TABLE}", [value]
+                if not self._query(sql, params).fetchone()[0]:
+                    shown = "(missing)" if value is None else repr(value)
+                    notes.append(f"the link's filter value {shown} of '{column}' no longer occurs in this cache: "
+                                 "ignored")
+        return notes
 
     def rows(self, ids: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Rows for `ids` in the order given (all rows when None).
@@ -194,3 +245,14 @@ class MetadataStore:
 
     def close(self) -> None:
         self._con.close()
+        _OPEN_STORES.discard(self)
+
+
+_OPEN_STORES: "weakref.WeakSet[MetadataStore]" = weakref.WeakSet()
+
+
+def close_all_stores() -> None:
+    """Close every store still open: a long-lived process (the app) calls it at exit, before DuckDB's module is
+    torn down, which otherwise reports each connection still alive as a leak (dozens of alarming lines)."""
+    for store in list(_OPEN_STORES):
+        store.close()

@@ -16,6 +16,7 @@ from typing import Any, Mapping, MutableMapping
 import numpy as np
 
 from dashboard import geometry
+from dashboard.metadata import MetadataFilter
 from dashboard.share import SearchState, from_params
 
 FROM_DATASET = "From the dataset"
@@ -36,6 +37,7 @@ class SearchSession:
     PRESET_REGION = "preset_region"  # (image id, grid weights) from a link or a clicked hit
     LINK = "link_state"
     LINK_PROBLEMS = "link_problems"
+    LINK_FILTER_UNCHECKED = "link_filter_unchecked"
 
     def __init__(self, state: MutableMapping[str, Any]):
         self.state = state
@@ -46,6 +48,7 @@ class SearchSession:
             link, problems = from_params(params)
             self.state[self.LINK] = link
             self.state[self.LINK_PROBLEMS] = problems
+            self.state[self.LINK_FILTER_UNCHECKED] = True
             if link.image_id is not None:
                 self.state[self.QUERY_ID] = link.image_id
             if link.region is not None:
@@ -55,6 +58,14 @@ class SearchSession:
     def take_link_problems(self) -> list[str]:
         """What the link had that could not be used, reported once."""
         return self.state.pop(self.LINK_PROBLEMS, [])
+
+    def take_link_filter(self) -> MetadataFilter | None:
+        """The link's filter, once, for the page to check against the opened cache (values it no longer holds
+        would otherwise vanish from the filter widgets without a word)."""
+        if not self.state.pop(self.LINK_FILTER_UNCHECKED, False):
+            return None
+        flt = self.state[self.LINK].flt
+        return None if flt.is_empty() else flt
 
     def query_id(self, size: int) -> int:
         """The cached query image's id, reset to 0 when it is not in the current cache."""

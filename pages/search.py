@@ -30,6 +30,9 @@ for problem in session.take_link_problems():
 
 entry, cache = widgets.open_cache_ui(link.cache, key=SearchSession.CACHE)
 store = cache.metadata
+link_filter = session.take_link_filter()
+for note in store.absent_filter_values(link_filter) if link_filter is not None else []:
+    st.warning(note)
 caption_columns = [c for c in (cache.label_column, *CONTEXT_COLUMNS) if c and c in store.column_types]
 
 # ---- options
@@ -144,29 +147,46 @@ for start in range(0, len(hits), HITS_PER_ROW):
 
 # ---- charts
 st.subheader("Hits by metadata")
-chartable = store.chartable_columns()
-if chartable:
-    default = chartable.index("domain") if "domain" in chartable else 0
-    by = st.selectbox("Group by", chartable, index=default, key="chart-column")
-    searched = result.searched
-    left, right = st.columns(2)
+searched = result.searched
+label = cache.label_column
+group_options = analysis.group_columns(store.chartable_columns(), store.distinct_counts)
+by = None
+if group_options:
+    default = analysis.default_group_column(group_options, label)
+    by = st.selectbox("Group by", group_options, index=group_options.index(default), key="chart-column")
+else:
+    st.caption("No metadata column has between 2 and 60 values to group the hits by (e.g. no domain column in "
+               "this cache), so there are no composition charts.")
+left, right = st.columns(2)
+if by is not None:
     shares = analysis.composition(hits, searched, by)
-    left.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"), "share",
+    left.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"), ("top hits", "searched images"),
+                                         "share of images", by,
                                          f"Top-{len(hits)} composition by {by} vs the searched set"),
                       width="stretch")
     distribution = analysis.score_distribution(result.scores, searched, by)
     right.plotly_chart(charts.score_histogram(
-        distribution, f"{result.scores_label} of all {result.searched_count:,} searched images by {by}"),
+        distribution, by, f"{result.scores_label} of all {result.searched_count:,} searched images by {by}"),
         width="stretch")
-    label = cache.label_column
-    if row is not None and label is not None:
-        agreement = analysis.label_agreement(hits, row[label], label, "domain" if "domain" in hits else None)
+if row is not None and label is not None:
+    summary = analysis.label_summary(hits, row[label], label)
+    domains = hits["domain"].map(format_value).nunique() if "domain" in hits else 0
+    if summary is None:
+        st.caption(f"The query image has no {label}: no label agreement to show.")
+    elif label in group_options and domains >= 2:  # a bar per domain says whether it holds in each
+        agreement = analysis.label_agreement(hits, row[label], label, "domain")
         left.plotly_chart(charts.agreement_bars(
-            agreement, f"Hits with the query's {label} ({format_value(row[label])})"), width="stretch")
-    for list_column in [c for c in store.columns if store.is_list(c)]:
-        enrichment = analysis.value_enrichment(hits, searched, list_column)
-        right.plotly_chart(charts.paired_bars(enrichment, ("hit_rate", "prevalence"), "rate",
-                                              f"{list_column}: rate among hits vs prevalence"), width="stretch")
+            agreement, f"Hits with the query's {label} ({format_value(row[label])}), by domain"), width="stretch")
+    else:  # one domain: a line says it; many classes: which labels the hits carry
+        st.caption(summary + ("" if domains >= 2 else " (the hits come from one domain, or the cache has none)"))
+        if label not in group_options:
+            left.plotly_chart(charts.count_bars(analysis.value_counts(hits, label, limit=15), label,
+                                                f"The top hits' {label}s"), width="stretch")
+for list_column in [c for c in store.columns if store.is_list(c)]:
+    enrichment = analysis.value_enrichment(hits, searched, list_column)
+    right.plotly_chart(charts.paired_bars(enrichment, ("hit_rate", "prevalence"), ("among the hits", "prevalence"),
+                                          "share of images", list_column,
+                                          f"{list_column}: rate among hits vs prevalence"), width="stretch")
 
 # ---- table and downloads
 st.subheader("Results table")

@@ -202,3 +202,21 @@ def test_charts_data_from_a_real_search(small_cache):
     agreement = analysis.label_agreement(result.hits, "owl", "label").set_index("domain")
     assert list(agreement.index) == ["in", "all"] and agreement.loc["all", "hits"] == 8
     assert agreement.loc["all", "agreeing"] == int((result.hits["label"] == "owl").sum())
+
+
+def test_group_by_skips_one_value_columns_and_prefers_domain_then_the_label():
+    distinct = {"domain": 2, "label": 12, "source": 1, "location": 5}
+    assert analysis.group_columns(["label", "domain", "source", "location"], distinct) == ["label", "domain",
+                                                                                         "location"]
+    assert analysis.default_group_column(["label", "domain", "location"], "label") == "domain"
+    assert analysis.default_group_column(["location", "label"], "label") == "label"  # no domain column
+    assert analysis.default_group_column(["location"], "label") == "location"  # the label has too many values
+    assert analysis.default_group_column([], "label") is None
+
+
+def test_label_summary_says_how_many_hits_share_the_querys_label():
+    hits = pd.DataFrame({"label": ["cat", "dog", "cat", None], "tags": [["a"], ["b"], [], ["a", "c"]]})
+    assert analysis.label_summary(hits, "cat", "label") == "2 of 4 hits (50%) share the query's label 'cat'"
+    assert analysis.label_summary(hits, ["a", "x"], "tags").startswith("2 of 4 hits (50%)")
+    assert analysis.label_summary(hits, None, "label") is None  # no label to compare
+    assert analysis.label_summary(hits.iloc[:0], "cat", "label") is None

@@ -67,3 +67,12 @@ def test_first_start_builds_the_demo_cache(tmp_path, monkeypatch):
     at.run()
     assert "demo" in [h.value for h in at.subheader]
     assert "16" in [m.value for m in at.metric]
+
+
+def test_the_shipped_config_watches_no_files():
+    """A recursive watch of the project folder (a multi-GB .venv, caches/) flooded the log on first start."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["fileWatcherType"] == "none"
+    assert config["server"]["maxUploadSize"] == 20

@@ -35,9 +35,24 @@ def test_unknown_or_hostile_column_is_refused(small_cache):
         small_cache.metadata.filter_ids(MetadataFilter(equals={'label" = label OR "1': ["x"]}))
 
 
-def test_value_of_the_wrong_type_is_a_clear_error(small_cache):
-    with pytest.raises(FilterError, match="type"):
+def test_value_of_the_wrong_type_is_a_clear_error_that_names_the_column(small_cache):
+    with pytest.raises(FilterError, match="the filter value 'old' does not fit column 'age', which holds DOUBLE values"):
         small_cache.metadata.filter_ids(MetadataFilter(ranges={"age": ("old", None)}))
+    with pytest.raises(FilterError, match="'abc' does not fit column 'age'"):
+        small_cache.metadata.filter_ids(MetadataFilter(equals={"label": ["cat"], "age": [30, "abc"]}))
+
+
+def test_link_filter_values_the_data_no_longer_holds_are_named(small_cache):
+    store = small_cache.metadata
+    assert store.absent_filter_values(MetadataFilter(equals={"label": ["cat"]}, contains_any={"diagnoses": ["a"]},
+                                                     ranges={"age": (30, 35)})) == []
+    notes = store.absent_filter_values(MetadataFilter(
+        equals={"label": ["cat", "zebra"], "age": ["abc"], "gone": ["x"]}, contains_any={"diagnoses": ["zz"]}))
+    assert any("'gone'" in n and "no column" in n for n in notes)
+    assert any("'zebra' of 'label' no longer occurs" in n for n in notes)
+    assert any("'zz' of 'diagnoses' no longer occurs" in n for n in notes)
+    assert any("'abc' does not fit column 'age'" in n for n in notes)
+    assert not any("'cat'" in n for n in notes) and len(notes) == 4
 
 
 def test_rows_come_back_in_the_order_asked(small_cache):

@@ -97,6 +97,20 @@ def test_a_shared_link_restores_the_search(caches):
     assert at.query_params["image"] == ["7"] or at.query_params["image"] == "7"
 
 
+def test_a_link_whose_filter_values_are_gone_warns_and_keeps_the_rest(caches):
+    at = page("pages/search.py", cache="tiny", image="3", region=encode_region(REGION),
+              filters='{"equals":{"domain":["out","mars"],"planet":["x"]}}')
+    at.run()
+    assert not at.exception, at.exception
+    warnings = texts(at.warning)
+    assert "'mars' of 'domain' no longer occurs in this cache" in warnings
+    assert "'planet', which this cache has no column for" in warnings
+    assert at.multiselect(key="search-filter-domain").value == ["out"]  # what still exists is applied
+    assert "Searched 15 of 40 images" in texts(at.caption)
+    at.run()  # reported once, not at every rerun
+    assert "mars" not in texts(at.warning)
+
+
 def test_a_damaged_link_is_reported_not_fatal(caches):
     at = page("pages/search.py", image="seven", region="broken").run()
     assert not at.exception
@@ -264,3 +278,35 @@ def test_approx_on_a_cache_without_an_index_explains_and_the_page_keeps_working(
     assert "python -m cache_builder index" in texts(at.warning)
     at.radio(key="search-mode").set_value("auto").run()
     assert "Searched 2,499 of 2,500 images" in texts(at.caption)
+
+
+@pytest.fixture
+def photo_caches(tmp_path, monkeypatch) -> Path:
+    """Like an `imagenet:` cache of real photos: 65 classes (too many to chart as groups), one source folder
+    with a long path, no domain."""
+    from cache_builder.synthetic import write_array_cache
+
+    rng = np.random.default_rng(8)
+    n = 130
+    metadata = pd.DataFrame({"label": [f"class-{i % 65:02d}" for i in range(n)],
+                             "source": ["/home/someone/datasets/imagenet/val/one-folder-of-photos"] * n,
+                             "split": ["val" if i % 2 else "train" for i in range(n)]})
+    write_array_cache(tmp_path / "photos", rng.standard_normal((n, 5, 6, 16), dtype=np.float32), input_size=48,
+                      images=rng.integers(0, 255, size=(n, 48, 48, 3), dtype=np.uint8), metadata=metadata,
+                      label_column="label")
+    monkeypatch.setenv(CACHES_DIR_ENV, str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def test_charts_adapt_to_a_cache_without_a_domain_and_with_many_classes(photo_caches):
+    at = page("pages/search.py", cache="photos", image="3", region=encode_region(REGION))
+    at.run()
+    assert not at.exception, at.exception
+    group_by = at.selectbox(key="chart-column")
+    assert group_by.value == "split" and "source" not in group_by.options  # one source: nothing to compare
+    specs = [chart.proto.spec for chart in at.get("plotly_chart")]
+    assert any("The top hits' labels" in spec for spec in specs)  # 65 classes: which labels the hits carry
+    assert not any("Hits with the query's label" in spec for spec in specs)  # no one-bar "all" chart
+    assert "share the query's label 'class-03'" in texts(at.caption)
+    assert "(missing)" not in "".join(specs)

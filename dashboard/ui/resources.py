@@ -7,17 +7,20 @@ rerun that does not change the search does not search again.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import threading
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
+from streamlit import runtime
 
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.cache_format import MANIFEST_FILE
 from cache_builder.errors import BuildError
 from cache_builder.sources import parse_source
-from dashboard import catalog, search, settings, two_tier
+from dashboard import catalog, metadata, search, settings, two_tier
 from dashboard.feature_cache import FeatureCache
 from dashboard.query_encoder import EncodedImage, encode_image
 from dashboard.search import SearchRequest, SearchResult
@@ -26,6 +29,17 @@ from dashboard.uploads import read_upload
 
 _demo_lock = threading.Lock()
 _by_fingerprint = {SearchRequest: SearchRequest.fingerprint}
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    """Drop the shared caches and close their DuckDB connections while the interpreter is still whole: left to
+    the interpreter's teardown, DuckDB's bindings print ~40 "nanobind: leaked ..." lines when the app stops."""
+    if runtime.exists():  # the app's server (not a test or script that imported this module)
+        st.cache_resource.clear()
+        st.cache_data.clear()
+    metadata.close_all_stores()
+    gc.collect()
 
 
 def caches_root() -> Path:
