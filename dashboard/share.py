@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import numpy as np
 
@@ -96,6 +96,36 @@ def from_params(params: Mapping[str, Any]) -> tuple[SearchState, list[str]]:
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
             problems.append(f"ignored the link's `{name}` parameter ({exc})")
     return SearchState(**values), problems
+
+
+@dataclass(frozen=True)
+class PageLink:
+    """What a page's address held when the session first opened the page: the fields a search link shares
+    (`state`), every parameter as text for the page's own ones (Compare's two caches, Dataset's page), and a note
+    for each parameter that had to be ignored."""
+
+    state: SearchState
+    params: dict[str, str]
+    problems: list[str]
+
+    def number(self, name: str, lowest: int, highest: int) -> int | None:
+        """An integer parameter, or None when it is absent, not a number or out of [lowest, highest]."""
+        try:
+            value = int(self.params[name])
+        except (KeyError, ValueError):
+            return None
+        return value if lowest <= value <= highest else None
+
+
+def link_once(session: MutableMapping[str, Any], key: str, params: Mapping[str, Any]) -> tuple[PageLink, bool]:
+    """The page's link, parsed the first time the session opens the page (later reruns keep what the widgets
+    changed); True that first time, when the page reports the link's problems."""
+    if key in session:
+        return session[key], False
+    state, problems = from_params(params)
+    raw = {str(name): str(value[-1] if isinstance(value, list) else value) for name, value in params.items()}
+    session[key] = PageLink(state, raw, problems)
+    return session[key], True
 
 
 def _search_mode(value: str) -> str:

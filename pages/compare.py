@@ -7,16 +7,22 @@ import streamlit as st
 from dashboard import analysis, geometry, rendering
 from dashboard.geometry import QueryError
 from dashboard.search import SearchRequest
+from dashboard.share import SearchState, link_once, to_params
 from dashboard.ui import access, resources, widgets
 
 HITS_PER_ROW = 4
 
 access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Compare two caches")
-entry_a, cache_a = widgets.open_cache_ui(None, key="compare-a", label="Cache A")
-entry_b, cache_b = widgets.open_cache_ui(None, key="compare-b", label="Cache B", report_skipped=False)
+link, new_link = link_once(st.session_state, "compare-link", st.query_params)
+for problem in link.problems if new_link else []:
+    st.warning(problem)
+entry_a, cache_a = widgets.open_cache_ui(link.params.get("a"), key="compare-a", label="Cache A")
+entry_b, cache_b = widgets.open_cache_ui(link.params.get("b"), key="compare-b", label="Cache B",
+                                         report_skipped=False)
 with st.sidebar:
-    k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=10, key="compare-k")
+    k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=link.number("k", 1, 200) or 10,
+                        key="compare-k")
 problem = analysis.dataset_mismatch(cache_a.metadata.rows(None, ["path"])["path"],
                                     cache_b.metadata.rows(None, ["path"])["path"])
 problem = problem or analysis.framing_mismatch(cache_a.manifest.frame, cache_a.image_size,
@@ -25,9 +31,17 @@ if problem:
     st.error(f"{entry_a.name} and {entry_b.name} cannot be compared: {problem}")
     st.stop()
 
+if new_link and link.state.image_id is not None and link.state.image_id < cache_a.size:
+    st.session_state["compare-id"] = link.state.image_id
 st.number_input(f"Query image id (0-{cache_a.size - 1})", min_value=0, max_value=cache_a.size - 1, key="compare-id")
 image_id = int(st.session_state["compare-id"])
 drawn = widgets.region_ui(cache_a.load_image(image_id), cache_a.grid, key=f"compare-canvas-{image_id}")
+linked = link.state.region
+if drawn is None and linked is not None and link.state.image_id == image_id and linked.shape == cache_a.grid:
+    drawn = linked  # the link's region (on cache A's grid), until one is drawn
+    st.caption("Region from the link (draw to replace it).")
+st.query_params.from_dict({"a": entry_a.name, "b": entry_b.name,
+                           **to_params(SearchState(image_id=image_id, region=drawn, k=int(k)))})
 if drawn is None:
     st.info("Highlight a region of the query image; it is searched in both caches.")
     st.stop()

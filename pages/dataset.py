@@ -7,8 +7,9 @@ import streamlit as st
 
 from dashboard import analysis
 from dashboard.export import format_value
-from dashboard.metadata import FilterError, MetadataFilter
+from dashboard.metadata import FilterError
 from dashboard.search_session import SearchSession
+from dashboard.share import SearchState, link_once, to_params
 from dashboard.ui import access, widgets
 
 PAGE_SIZE = 24
@@ -16,10 +17,13 @@ COLUMNS_PER_ROW = 6
 
 access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Dataset")
-entry, cache = widgets.open_cache_ui(None, key="dataset-cache")
+link, new_link = link_once(st.session_state, "dataset-link", st.query_params)
+entry, cache = widgets.open_cache_ui(link.state.cache, key="dataset-cache")
 store = cache.metadata
+for note in (link.problems + store.absent_filter_values(link.state.flt)) if new_link else []:
+    st.warning(note)
 with st.sidebar:
-    flt = widgets.filters_ui(store, MetadataFilter(), key="dataset-filter")
+    flt = widgets.filters_ui(store, link.state.flt, key="dataset-filter")
 try:
     ids = store.filter_ids(flt)
 except FilterError as exc:
@@ -42,7 +46,10 @@ if chartable:
 
 st.subheader("Images")
 pages = (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE
-page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, key="dataset-page") - 1
+page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=link.number("page", 1, pages) or 1,
+                       key="dataset-page") - 1
+st.query_params.from_dict({**to_params(SearchState(cache=entry.name, flt=flt)),
+                           **({"page": str(page + 1)} if page else {})})
 shown = table.iloc[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
 for start in range(0, len(shown), COLUMNS_PER_ROW):
     for column, (_, row) in zip(st.columns(COLUMNS_PER_ROW), shown.iloc[start:start + COLUMNS_PER_ROW].iterrows()):

@@ -151,6 +151,32 @@ def test_dataset_page_filters_and_counts(caches):
     assert len(at.get("plotly_chart")) >= 3
 
 
+def test_the_dataset_page_keeps_its_state_in_the_address(caches, small_cache):
+    shutil.copytree(small_cache.path, caches / "other")
+    at = page("pages/dataset.py", cache="other", filters='{"equals":{"label":["cat","lion"]}}', page="1")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="dataset-cache").value == "other"
+    assert "14 of 40 images" in texts(at.caption)  # the link's filter, applied
+    assert "'lion' of 'label' no longer occurs" in texts(at.warning)
+    assert at.query_params["cache"] in ("other", ["other"])
+    at.multiselect(key="dataset-filter-label").set_value(["dog"]).run()
+    filters = at.query_params["filters"]
+    assert '"dog"' in (filters[-1] if isinstance(filters, list) else filters)  # edits go to the address
+
+
+def test_the_compare_page_opens_a_shared_comparison(caches, small_cache):
+    shutil.copytree(small_cache.path, caches / "tiny-copy")
+    at = page("pages/compare.py", a="tiny", b="tiny-copy", image="4", k="6", region=encode_region(REGION))
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="compare-b").value == "tiny-copy" and at.number_input(key="compare-id").value == 4
+    assert "6 of 6" in texts(at.metric)  # searched at once with the link's region
+    params = {key: (v[-1] if isinstance(v, list) else v) for key, v in at.query_params.items()}
+    assert params["a"] == "tiny" and params["b"] == "tiny-copy" and params["image"] == "4" and params["k"] == "6"
+    assert params["region"] == encode_region(REGION)
+
+
 def test_compare_page_needs_a_region_then_compares(caches, small_cache):
     shutil.copytree(small_cache.path, caches / "tiny-copy")
     at = page("pages/compare.py")
