@@ -92,7 +92,8 @@ with canvas_column:
                               show_grid=show_grid, mode=mode, stroke_width=width)
 region = session.region(drawn, query_id, cache.grid)
 with hint_column:
-    st.markdown("Draw over the part of the image to search for. Undo and clear are in the canvas toolbar.")
+    st.markdown("Draw over the part of the image to search for. Undo and clear appear in the canvas toolbar "
+                "after the first stroke.")
     if region is not None and region.origin == "preset":
         st.image(rendering.grid_overlay(rendering.region_overlay(query_image, region.weights), cache.grid),
                  caption="Region from the link or the clicked hit (draw to replace it)", width=224)

@@ -53,6 +53,17 @@ def test_search_page_asks_for_a_region_first(caches):
     at = page("pages/search.py").run()
     assert not at.exception
     assert "Highlight a region" in texts(at.info)
+    assert "after the first stroke" in texts(at.markdown)  # the toolbar is not there before one
+
+
+def test_the_cache_picker_shows_names_and_the_chosen_caches_details_below(caches, small_cache):
+    shutil.copytree(small_cache.path, caches / "a-cache-with-a-rather-long-name-for-the-sidebar")
+    at = page("pages/dataset.py", cache="tiny").run()
+    assert not at.exception
+    picker = at.selectbox(key="dataset-cache")
+    assert picker.value == "tiny" and sorted(picker.options) == ["a-cache-with-a-rather-long-name-for-the-sidebar",
+                                                                 "tiny"]
+    assert "synthetic synthetic (5x6x16) · 40 images" in texts(at.sidebar.caption)
 
 
 def test_search_with_a_region_shows_hits_table_and_charts(caches):

@@ -42,14 +42,12 @@ def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key:
     names = [e.name for e in usable]
     index = names.index(default) if default in names else 0
 
-    def describe(name: str) -> str:
-        manifest = usable[names.index(name)].manifest
-        h, w, c = manifest.grid
-        return f"{name} · {manifest.model} {manifest.layer} ({h}x{w}x{c}) · {manifest.image_count:,} images"
-
     # a value already in session state (set by another page) wins; passing an index too would warn
     position = {} if st.session_state.get(key) in names else {"index": index}
-    name = st.selectbox(label, names, format_func=describe, key=key, **position)
+    name = st.selectbox(label, names, key=key, **position)  # the name alone: the sidebar cuts long options
+    manifest = usable[names.index(name)].manifest
+    h, w, c = manifest.grid
+    st.caption(f"{manifest.model} {manifest.layer} ({h}x{w}x{c}) · {manifest.image_count:,} images")
     return usable[names.index(name)]
 
 
