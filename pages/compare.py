@@ -1,8 +1,12 @@
-"""Compare page: one query region searched in two caches of the same dataset (two models or two layers)."""
+"""Compare page: one query region, of a cached image or an upload, searched in two caches of the same dataset
+(two models or two layers)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import streamlit as st
+
 
 from dashboard import analysis, geometry, rendering
 from dashboard.geometry import QueryError
@@ -31,17 +35,31 @@ if problem:
     st.error(f"{entry_a.name} and {entry_b.name} cannot be compared: {problem}")
     st.stop()
 
-if new_link and link.state.image_id is not None and link.state.image_id < cache_a.size:
-    st.session_state["compare-id"] = link.state.image_id
-st.number_input(f"Query image id (0-{cache_a.size - 1})", min_value=0, max_value=cache_a.size - 1, key="compare-id")
-image_id = int(st.session_state["compare-id"])
-drawn = widgets.region_ui(cache_a.load_image(image_id), cache_a.grid, key=f"compare-canvas-{image_id}")
+source = st.radio("Query image", ("From cache A", "Upload an image"), horizontal=True, key="compare-source")
+encoded = {}  # per cache: the upload encoded with its own model and layer
+if source == "From cache A":
+    if new_link and link.state.image_id is not None and link.state.image_id < cache_a.size:
+        st.session_state["compare-id"] = link.state.image_id
+    st.number_input(f"Query image id (0-{cache_a.size - 1})", min_value=0, max_value=cache_a.size - 1,
+                    key="compare-id")
+    image_id = int(st.session_state["compare-id"])
+    query_image, canvas_key = cache_a.load_image(image_id), f"id:{image_id}"
+else:
+    image_id = None
+    data, name = widgets.upload_ui("compare-upload", "Upload an image: it is encoded with each cache's own model "
+                                   "and layer, then searched in both.")
+    encoded = dict(zip((entry_a.name, entry_b.name),
+                       widgets.encoded_upload_ui([str(entry_a.path), str(entry_b.path)], data, name)))
+    query_image, canvas_key = encoded[entry_a.name].image, f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
+drawn = widgets.region_ui(query_image, cache_a.grid, key=f"compare-canvas-{canvas_key}")
 linked = link.state.region
-if drawn is None and linked is not None and link.state.image_id == image_id and linked.shape == cache_a.grid:
+if drawn is None and linked is not None and image_id is not None and link.state.image_id == image_id \
+        and linked.shape == cache_a.grid:
     drawn = linked  # the link's region (on cache A's grid), until one is drawn
     st.caption("Region from the link (draw to replace it).")
-st.query_params.from_dict({"a": entry_a.name, "b": entry_b.name,
-                           **to_params(SearchState(image_id=image_id, region=drawn, k=int(k)))})
+if image_id is not None:  # an upload cannot travel in a link
+    st.query_params.from_dict({"a": entry_a.name, "b": entry_b.name,
+                               **to_params(SearchState(image_id=image_id, region=drawn, k=int(k)))})
 if drawn is None:
     st.info("Highlight a region of the query image; it is searched in both caches.")
     st.stop()
@@ -49,8 +67,9 @@ if drawn is None:
 results = {}
 for name, cache in ((entry_a.name, cache_a), (entry_b.name, cache_b)):
     try:
-        request = SearchRequest(cache=cache, weights=geometry.mask_to_grid(drawn, cache.grid), image_id=image_id,
-                                k=int(k), exclude_query=True)
+        query = ({"image_id": image_id, "exclude_query": True} if image_id is not None else
+                 {"features": encoded[name].features, "content": encoded[name].content})
+        request = SearchRequest(cache=cache, weights=geometry.mask_to_grid(drawn, cache.grid), k=int(k), **query)
         results[name] = resources.run_search(request).hits
     except QueryError as exc:
         st.warning(f"{name}: {exc}")

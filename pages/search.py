@@ -6,7 +6,6 @@ import hashlib
 
 import streamlit as st
 
-from cache_builder.cache_format import CacheError
 from dashboard import analysis, charts, export, rendering, two_tier
 from dashboard.export import format_value
 from dashboard.geometry import QueryError
@@ -16,7 +15,6 @@ from dashboard.search_session import FROM_DATASET, QUERY_SOURCES, SearchSession
 from dashboard.share import MAX_K, SearchState, to_params
 from dashboard.two_tier import MODES
 from dashboard.ui import access, resources, widgets
-from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError
 
 HITS_PER_ROW = 5
 CONTEXT_COLUMNS = ("domain", "location", "split")  # shown under each image, after the manifest's label column
@@ -66,16 +64,9 @@ if source == FROM_DATASET:
     row = store.rows([query_id]).iloc[0]
     st.caption(" · ".join(f"{c}: {format_value(row[c])}" for c in ["path", *caption_columns]))
 else:
-    upload = st.file_uploader("JPEG, PNG or WebP", type=["jpg", "jpeg", "png", "webp"], key="upload")
-    if upload is None:
-        st.info("Upload an image to search with it; it is encoded with this cache's model and layer.")
-        st.stop()
-    data = upload.getvalue()
-    try:
-        encoded = resources.encode_upload(str(entry.path), data, upload.name, MAX_UPLOAD_BYTES)
-    except (UploadError, CacheError) as exc:
-        st.error(str(exc))
-        st.stop()
+    data, name = widgets.upload_ui("upload", "Upload an image to search with it; it is encoded with this cache's "
+                                   "model and layer.")
+    encoded, = widgets.encoded_upload_ui([str(entry.path)], data, name)
     query_image, features, content = encoded.image, encoded.features, encoded.content
     canvas_key = f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
 

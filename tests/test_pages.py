@@ -21,6 +21,7 @@ from dashboard.query_encoder import EncodedImage
 from dashboard.share import encode_region
 from dashboard.ui import resources
 from dashboard.ui.widgets import REGION_OVERRIDE_KEY
+from dashboard.uploads import read_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 REGION = np.zeros((5, 6), dtype=np.float32)
@@ -186,6 +187,31 @@ def test_the_compare_page_opens_a_shared_comparison(caches, small_cache):
     params = {key: (v[-1] if isinstance(v, list) else v) for key, v in at.query_params.items()}
     assert params["a"] == "tiny" and params["b"] == "tiny-copy" and params["image"] == "4" and params["k"] == "6"
     assert params["region"] == encode_region(REGION)
+
+
+def test_compare_searches_an_upload_encoded_by_each_cache(caches, small_cache, monkeypatch):
+    shutil.copytree(small_cache.path, caches / "tiny-copy")
+    features = np.random.default_rng(3).random((5, 6, 16)).astype(np.float32)
+    seen = []
+
+    def encode(cache_path, data, name, max_bytes):  # the real upload checks, a stand-in model
+        read_upload(data, name=name, max_bytes=max_bytes)
+        seen.append(Path(cache_path).name)
+        return EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, 5, 6))
+
+    monkeypatch.setattr(resources, "encode_upload", encode)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 40), "green").save(buffer, format="PNG")
+    at = page("pages/compare.py", a="tiny", b="tiny-copy")
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    at.radio(key="compare-source").set_value("Upload an image").run()
+    at.file_uploader(key="compare-upload").upload("photo.png", buffer.getvalue(), "image/png").run()
+    assert not at.exception, at.exception
+    assert {"tiny", "tiny-copy"} <= set(seen)  # encoded by each cache's own model
+    assert "10 of 10" in texts(at.metric)  # identical caches: identical hits, the query image not excluded
+    at.file_uploader(key="compare-upload").upload("notes.png", b"not a picture", "image/png").run()
+    assert not at.exception and "not an image" in texts(at.error)
 
 
 def test_compare_page_needs_a_region_then_compares(caches, small_cache):

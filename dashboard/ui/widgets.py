@@ -10,8 +10,11 @@ from cache_builder.cache_format import CacheError
 from dashboard import catalog, geometry
 from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import MetadataFilter, MetadataStore
+from dashboard.query_encoder import EncodedImage
 from dashboard.rendering import grid_overlay
+from dashboard.ui import resources
 from dashboard.ui.resources import caches_root, load_cache
+from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError
 
 REGION_OVERRIDE_KEY = "region_override"  # grid weights that replace the canvas: AppTest cannot draw
 
@@ -49,6 +52,25 @@ def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key:
     h, w, c = manifest.grid
     st.caption(f"{manifest.model} {manifest.layer} ({h}x{w}x{c}) · {manifest.image_count:,} images")
     return usable[names.index(name)]
+
+
+def upload_ui(key: str, hint: str) -> tuple[bytes, str]:
+    """An image upload's bytes and name; until one is given, `hint` and the page stops."""
+    upload = st.file_uploader("JPEG, PNG or WebP", type=["jpg", "jpeg", "png", "webp"], key=key)
+    if upload is None:
+        st.info(hint)
+        st.stop()
+    return upload.getvalue(), upload.name
+
+
+def encoded_upload_ui(cache_paths: list[str], data: bytes, name: str) -> list[EncodedImage]:
+    """The upload encoded by each cache's own model and layer; a file that is not a usable image gets a message
+    and the page stops (the app keeps working)."""
+    try:
+        return [resources.encode_upload(path, data, name, MAX_UPLOAD_BYTES) for path in cache_paths]
+    except (UploadError, CacheError) as exc:
+        st.error(str(exc))
+        st.stop()
 
 
 def filters_ui(store: MetadataStore, initial: MetadataFilter, key: str) -> MetadataFilter:
