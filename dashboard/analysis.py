@@ -8,6 +8,7 @@ when there is nothing to count.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -189,3 +190,21 @@ def label_summary(hits: pd.DataFrame, query_label: Any, label_column: str) -> st
     shown = ", ".join(sorted(wanted))
     return (f"{agreeing} of {len(hits)} hits ({agreeing / len(hits):.0%}) share the query's {label_column} "
             f"'{shown}'")
+
+
+@dataclass(frozen=True)
+class LabelView:
+    """What the Search page says about the query's label among the hits."""
+
+    summary: str | None  # `label_summary`; None when the query has no label to compare
+    by_domain: bool  # a bar per domain: the hits come from 2+ domains and the label is a chartable column
+    one_domain: bool  # the hits come from one domain (or the cache has none)
+    counts: bool  # the top hits' label counts: too many classes to chart the label as groups
+
+
+def label_view(hits: pd.DataFrame, query_label: Any, label_column: str, label_chartable: bool) -> LabelView:
+    summary = label_summary(hits, query_label, label_column)
+    domains = hits["domain"].map(lambda cell: _values(cell)[0]).nunique() if "domain" in hits else 0
+    by_domain = summary is not None and label_chartable and domains >= 2
+    return LabelView(summary, by_domain, domains < 2,
+                     counts=summary is not None and not by_domain and not label_chartable)

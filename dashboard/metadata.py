@@ -145,23 +145,23 @@ class MetadataStore:
                 from None
         return np.asarray(rows["id"], dtype=np.int64)
 
-    def _fits(self, column: str, value: Any) -> bool:
-        """Whether `value` converts to the (non-list) column's type, as the filter's comparison would."""
+    def _misfit(self, column: str, value: Any) -> str | None:
+        """Why `value` cannot be compared with the (non-list) column, naming both; None when it converts to the
+        column's type, as the filter's comparison would convert it."""
         try:
             self._query(f"SELECT CAST(? AS {self.column_types[column]})", [value]).fetchone()
         except duckdb.Error:
-            return False
-        return True
+            return f"the filter value {value!r} does not fit column '{column}', which holds " \
+                f"{self.column_types[column]} values"
+        return None
 
     def _misfit_value(self, flt: MetadataFilter) -> str | None:
-        """The first filter value that does not convert to its column's type, said with the column's name."""
+        """The first filter value that does not convert to its column's type."""
         pairs = [(c, v) for c, values in flt.equals.items() for v in values if v is not None]
         pairs += [(c, v) for c, bounds in flt.ranges.items() for v in bounds if v is not None]
-        for column, value in pairs:
-            if column in self.column_types and not self.is_list(column) and not self._fits(column, value):
-                return (f"the filter value {value!r} does not fit column '{column}', which holds "
-                        f"{self.column_types[column]} values")
-        return None
+        misfits = (self._misfit(column, value) for column, value in pairs
+                   if column in self.column_types and not self.is_list(column))
+        return next((misfit for misfit in misfits if misfit), None)
 
     def absent_filter_values(self, flt: MetadataFilter) -> list[str]:
         """One note for each filter column this table lacks and each filter value no row holds (a shared link
@@ -179,9 +179,8 @@ class MetadataStore:
                     sql, params = f"SELECT bool_or(list_contains({ident}, ?)) FROM {METADATA_TABLE}", [str(value)]
                 elif value is None:
                     sql, params = f"SELECT bool_or({ident} IS NULL) FROM {METADATA_TABLE}", []
-                elif not self._fits(column, value):
-                    notes.append(f"the link's filter value {value!r} does not fit column '{column}' "
-                                 f"({self.column_types[column]}): ignored")
+                elif (misfit := self._misfit(column, value)) is not None:
+                    notes.append(f"the link's {misfit.removeprefix('the ')}: ignored")
                     continue
                 else:
                     sql, params = f"SELECT bool_or({ident} = ?) FROM {METADATA_TABLE}", [value]

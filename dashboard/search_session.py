@@ -16,8 +16,8 @@ from typing import Any, Mapping, MutableMapping
 import numpy as np
 
 from dashboard import geometry
-from dashboard.metadata import MetadataFilter
-from dashboard.share import SearchState, from_params
+from dashboard.metadata import MetadataStore
+from dashboard.share import SearchState, link_once
 
 FROM_DATASET = "From the dataset"
 UPLOAD = "Upload an image"
@@ -37,35 +37,29 @@ class SearchSession:
     PRESET_REGION = "preset_region"  # (image id, grid weights) from a link or a clicked hit
     LINK = "link_state"
     LINK_PROBLEMS = "link_problems"
-    LINK_FILTER_UNCHECKED = "link_filter_unchecked"
 
     def __init__(self, state: MutableMapping[str, Any]):
         self.state = state
 
     def apply_link_once(self, params: Mapping[str, Any]) -> SearchState:
         """The shared link's state, applied to the session the first time only (later reruns keep edits)."""
-        if self.LINK not in self.state:
-            link, problems = from_params(params)
-            self.state[self.LINK] = link
-            self.state[self.LINK_PROBLEMS] = problems
-            self.state[self.LINK_FILTER_UNCHECKED] = True
-            if link.image_id is not None:
-                self.state[self.QUERY_ID] = link.image_id
-            if link.region is not None:
-                self.state[self.PRESET_REGION] = (link.image_id, link.region)
-        return self.state[self.LINK]
+        link, new = link_once(self.state, self.LINK, params)
+        if new:
+            self.state[self.LINK_PROBLEMS] = link.problems
+            if link.state.image_id is not None:
+                self.state[self.QUERY_ID] = link.state.image_id
+            if link.state.region is not None:
+                self.state[self.PRESET_REGION] = (link.state.image_id, link.state.region)
+        return link.state
 
-    def take_link_problems(self) -> list[str]:
-        """What the link had that could not be used, reported once."""
-        return self.state.pop(self.LINK_PROBLEMS, [])
-
-    def take_link_filter(self) -> MetadataFilter | None:
-        """The link's filter, once, for the page to check against the opened cache (values it no longer holds
-        would otherwise vanish from the filter widgets without a word)."""
-        if not self.state.pop(self.LINK_FILTER_UNCHECKED, False):
-            return None
-        flt = self.state[self.LINK].flt
-        return None if flt.is_empty() else flt
+    def take_link_problems(self, store: MetadataStore | None = None) -> list[str]:
+        """What the link had that could not be used, reported once; with the opened cache's `store`, also the
+        link's filter values it no longer holds (they would vanish from the filter widgets without a word)."""
+        if self.LINK_PROBLEMS not in self.state:
+            return []
+        problems = self.state.pop(self.LINK_PROBLEMS)
+        flt = self.state[self.LINK].state.flt
+        return problems + (store.absent_filter_values(flt) if store is not None else [])
 
     def query_id(self, size: int) -> int:
         """The cached query image's id, reset to 0 when it is not in the current cache."""

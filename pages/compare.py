@@ -7,7 +7,6 @@ import hashlib
 
 import streamlit as st
 
-
 from dashboard import analysis, geometry, rendering
 from dashboard.geometry import QueryError
 from dashboard.search import SearchRequest

@@ -23,14 +23,10 @@ access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ direc
 st.title("Search by region")
 session = SearchSession(st.session_state)
 link = session.apply_link_once(st.query_params)
-for problem in session.take_link_problems():
-    st.warning(problem)
-
 entry, cache = widgets.open_cache_ui(link.cache, key=SearchSession.CACHE)
 store = cache.metadata
-link_filter = session.take_link_filter()
-for note in store.absent_filter_values(link_filter) if link_filter is not None else []:
-    st.warning(note)
+for problem in session.take_link_problems(store):
+    st.warning(problem)
 caption_columns = [c for c in (cache.label_column, *CONTEXT_COLUMNS) if c and c in store.column_types]
 
 # ---- options
@@ -161,17 +157,17 @@ if by is not None:
         distribution, by, f"{result.scores_label} of all {result.searched_count:,} searched images by {by}"),
         width="stretch")
 if row is not None and label is not None:
-    summary = analysis.label_summary(hits, row[label], label)
-    domains = hits["domain"].map(format_value).nunique() if "domain" in hits else 0
-    if summary is None:
+    view = analysis.label_view(hits, row[label], label, label in group_options)
+    if view.summary is None:
         st.caption(f"The query image has no {label}: no label agreement to show.")
-    elif label in group_options and domains >= 2:  # a bar per domain says whether it holds in each
+    elif view.by_domain:  # a bar per domain says whether it holds in each
         agreement = analysis.label_agreement(hits, row[label], label, "domain")
         left.plotly_chart(charts.agreement_bars(
             agreement, f"Hits with the query's {label} ({format_value(row[label])}), by domain"), width="stretch")
     else:  # one domain: a line says it; many classes: which labels the hits carry
-        st.caption(summary + ("" if domains >= 2 else " (the hits come from one domain, or the cache has none)"))
-        if label not in group_options:
+        st.caption(view.summary + (" (the hits come from one domain, or the cache has none)" if view.one_domain
+                                   else ""))
+        if view.counts:
             left.plotly_chart(charts.count_bars(analysis.value_counts(hits, label, limit=15), label,
                                                 f"The top hits' {label}s"), width="stretch")
 for list_column in [c for c in store.columns if store.is_list(c)]:

@@ -220,3 +220,14 @@ def test_label_summary_says_how_many_hits_share_the_querys_label():
     assert analysis.label_summary(hits, ["a", "x"], "tags").startswith("2 of 4 hits (50%)")
     assert analysis.label_summary(hits, None, "label") is None  # no label to compare
     assert analysis.label_summary(hits.iloc[:0], "cat", "label") is None
+
+
+def test_label_view_picks_bars_per_domain_a_line_or_the_hits_label_counts():
+    hits = pd.DataFrame({"label": ["cat", "dog", "cat", "cat"], "domain": ["in", "out", "in", None]})
+    assert analysis.label_view(hits, "cat", "label", label_chartable=True).by_domain  # 2+ domains
+    many = analysis.label_view(hits, "cat", "label", label_chartable=False)
+    assert not many.by_domain and many.counts and not many.one_domain
+    single = analysis.label_view(hits.assign(domain="in"), "cat", "label", label_chartable=True)
+    assert not single.by_domain and single.one_domain and not single.counts and single.summary.startswith("3 of 4")
+    unlabelled = analysis.label_view(hits.drop(columns="domain"), None, "label", label_chartable=False)
+    assert unlabelled.summary is None and not unlabelled.counts and not unlabelled.by_domain

@@ -136,7 +136,6 @@ def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQu
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         check_ids(ids, index.codes.shape[0])
     all_ids = np.arange(index.codes.shape[0], dtype=np.int64) if ids is None else ids
-    out_w = query.grid[1] - query.box[1] + 1
     if isinstance(scorer, NativeScorer):
         weights_sq = query.weights.astype(np.float64)[..., None] ** 2
         means_share = float(np.sum(weights_sq * projected * index.means))
@@ -144,7 +143,7 @@ def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQu
         prepared = KernelQuery.for_codes(projected * index.steps, query.weights, query.grid, query.norm,
                                          means_share, kernel.code_chunk_bytes)
         scores, windows, _ = kernel.score_codes(prepared, index.codes, np.asarray(sqnorms), ids)
-        return WindowScores(all_ids, scores, windows.astype(np.int64), out_w)
+        return WindowScores(all_ids, scores, windows.astype(np.int64), prepared.out_w)
     small = query.projected(index.basis)
     prepared_small = scorer.prepare(small, query.grid, index.dims)
     # such a backend divides by the projected query's norm: the values scaled by its ratio to the full one give
@@ -157,7 +156,7 @@ def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQu
         part = prepared_small.best_windows(torch.from_numpy(bits).view(torch.bfloat16),
                                            np.ascontiguousarray(sqnorms[chunk]), None)
         scores[start:start + len(chunk)], positions[start:start + len(chunk)] = part
-    return WindowScores(all_ids, scores, positions, out_w)
+    return WindowScores(all_ids, scores, positions, prepared_small.out_w)
 
 
 MIN_PICTURE_SHARE = 0.5  # a window must hold at least this share of the region's weight on the picture

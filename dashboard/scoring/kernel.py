@@ -86,7 +86,7 @@ class KernelQuery:
     query_norm: float
     n_runs: int  # the first n_runs terms are the runs, the rest their bfloat16 remainders
     run_values: np.ndarray  # float32 weight^2 * query of the runs, each 16-value chunk as 8 even, 8 odd values
-    code_values: np.ndarray | None = None  # int8 runs in value order, for 4-bit codes (`for_codes`)
+    code_values: np.ndarray | None = None  # int8 runs in the path's chunk order, for 4-bit codes (`for_codes`)
     numerator_scale: float = 1.0
     numerator_offset: float = 0.0
 
