@@ -48,6 +48,25 @@ def forward_only(model_name: str, images: int, batch_size: int, device: torch.de
     return done / (time.perf_counter() - start)
 
 
+def decode_per_worker(images: int, spec: str = "demo") -> float:
+    """images/s one decode worker delivers: what a DataLoader worker (or a Ray decode task) does per image, i.e.
+    render/decode, frame, JPEG-encode the display copy and normalise, in this process on one core."""
+    from cache_builder.build import _CropDataset
+
+    torch.set_num_threads(1)
+    source = parse_source(spec, SourceOptions(demo_size=images))
+    model = load_model("efficientnet_lite0")
+    items = source.items[:images]
+    dataset = _CropDataset([(i, 0, item) for i, item in enumerate(items)], [source], model.preprocessing)
+    dataset[0]  # warm-up
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    rate = len(dataset) / (time.perf_counter() - start)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return rate
+
+
 def whole_builder(model_name: str, images: int, batch_size: int, workers: int, device: str) -> tuple[float, dict]:
     """images/s of `build_cache` on the demo source into a fresh folder."""
     source = parse_source("demo", SourceOptions(demo_size=images))
@@ -66,6 +85,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode-source", default="demo", help="source whose images the decode figure reads, "
+                        "e.g. folder:../shared/realdata/imagenet200 for real photos (default: demo)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"command: {' '.join(sys.argv)}")
@@ -83,6 +104,11 @@ def main() -> None:
     ratio = builder / forward
     verdict = "PASS" if ratio >= 0.8 else "FAIL"
     print(f"builder / forward  : {ratio:8.1%}  target >= 80%: {verdict}")
+    decode = decode_per_worker(min(args.images, 300), args.decode_source)
+    print(f"decode + preprocess: {decode:8.1f} images/s per worker ({args.decode_source}; one core: read and "
+          "decode, frame, display JPEG, normalise)")
+    print(f"  so a model running at F images/s needs about F / {decode:.0f} decode workers; this device's "
+          f"{forward:.0f} images/s needs {max(1, -(-int(forward) // max(1, int(decode))))}")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def remove_cache_files(out: Path) -> None:
     for name in (fmt.MANIFEST_FILE, STATE_FILE, fmt.FEATURES_FILE, fmt.SQNORMS_FILE, fmt.FRAMES_FILE,
                  fmt.METADATA_FILE, fmt.METADATA_FILE + ".wal", PARTIAL_FEATURES, PARTIAL_SQNORMS, PARTIAL_FRAMES):
         (out / name).unlink(missing_ok=True)
-    for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES):
+    for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES, fmt.SHARDS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     remove_index(out)
 

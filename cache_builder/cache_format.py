@@ -11,6 +11,16 @@ A cache is a directory::
     metadata.duckdb    table ``images``: ``id`` = row in features.npy, ``path``, one typed column per metadata field
     index/             optional: the first stage of two-tier search (see INDEX_DIR below)
 
+A sharded cache (written by the Ray builder, `cache_builder/ray_build.py`) keeps one manifest and one
+metadata.duckdb at the top, and its arrays, images and index in shard folders listed by the manifest's
+``shards`` (``[{"dir": "shards/00000", "count": 5000}, ...]``)::
+
+    shards/00000/      features.npy, sqnorms.npy, frames.npy, images/, index/ of ids 0..4999, row i = id start + i
+    shards/00001/      the next contiguous id range, and so on
+
+A manifest without ``shards`` is one shard whose folder is the cache itself (every cache written before shards
+existed, and every single-process build), so the format version did not change.
+
 Why bfloat16: on the target CPUs a bfloat16 GEMM runs 3-7x faster than float32 and float16 runs 10-30x slower
 (see ``benchmarks/search.py``); bfloat16 also halves the bytes scanned per query.
 
@@ -55,7 +65,7 @@ class CacheError(Exception):
 
 
 def image_relpath(image_id: int) -> str:
-    """Display image of one row, sharded by thousands so no folder grows past 1,000 files."""
+    """Display image of one row of a shard's arrays, sharded by thousands so no folder grows past 1,000 files."""
     return f"{IMAGES_DIR}/{image_id // 1000:03d}/{image_id:07d}{IMAGE_SUFFIX}"
 
 
@@ -120,6 +130,7 @@ class Manifest:
     frame: str = "crop"  # "crop": the model's square centre crop; "fit": whole frames, letterboxed
     input_shape: tuple[int, int] | None = None  # (height, width) of the model input; None = (input_size, input_size)
     framing: str = ""  # why this frame mode was chosen, for the user
+    shards: list[dict[str, Any]] = field(default_factory=list)  # [{"dir", "count"}]; [] = one shard, the cache
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -215,6 +226,57 @@ def check_manifest(manifest: Manifest, cache_dir: Path) -> None:
         raise CacheError(f"{cache_dir} has an unknown frame mode {manifest.frame!r}; rebuild it")
 
 
+SHARDS_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class ShardLocation:
+    """Where one shard's arrays live and which ids they hold: ids start .. start + count - 1, row i = start + i."""
+
+    number: int
+    folder: Path
+    start: int
+    count: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+
+def shard_dir_name(number: int) -> str:
+    return f"{SHARDS_DIR}/{number:05d}"
+
+
+def cache_root(folder: Path) -> Path:
+    """The cache a shard folder belongs to (a single-shard cache is its own)."""
+    folder = Path(folder)
+    return folder.parent.parent if folder.parent.name == SHARDS_DIR else folder
+
+
+def shard_locations(cache_dir: Path, manifest: Manifest) -> list[ShardLocation]:
+    """The cache's shards in id order (a single one, the cache folder itself, when the manifest lists none);
+    CacheError for a list that does not tile the ids or names a folder outside the cache."""
+    cache_dir = Path(cache_dir)
+    if not manifest.shards:
+        return [ShardLocation(0, cache_dir, 0, manifest.image_count)]
+    locations, start = [], 0
+    for number, entry in enumerate(manifest.shards):
+        try:
+            name, count = str(entry["dir"]), int(entry["count"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{cache_dir}: the manifest's shard {number} is malformed ({entry!r}); rebuild the "
+                             "cache") from None
+        if name != shard_dir_name(number) or count < 0:
+            raise CacheError(f"{cache_dir}: the manifest's shard {number} is {entry!r}, expected "
+                             f"{{'dir': '{shard_dir_name(number)}', 'count': >= 0}}; rebuild the cache")
+        locations.append(ShardLocation(number, cache_dir / name, start, count))
+        start += count
+    if start != manifest.image_count:
+        raise CacheError(f"{cache_dir}: the shards hold {start:,} images but the manifest says "
+                         f"{manifest.image_count:,}; rebuild the cache")
+    return locations
+
+
 def open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only memory map of one cache array, refused unless it holds exactly what the manifest says."""
     if not path.is_file():
@@ -231,11 +293,13 @@ def open_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def open_frames(cache_dir: Path, manifest: Manifest) -> np.ndarray | None:
-    """(N, 4) pixel boxes of the picture in each image of a whole-frame cache; None for a cropped cache."""
+def open_frames(cache_dir: Path, manifest: Manifest, count: int | None = None) -> np.ndarray | None:
+    """(N, 4) pixel boxes of the picture in each image of a whole-frame cache (or of one shard of `count`
+    images); None for a cropped cache."""
     if manifest.frame == "crop":
         return None
-    return open_array(Path(cache_dir) / FRAMES_FILE, np.int32, (manifest.image_count, 4))
+    n = manifest.image_count if count is None else count
+    return open_array(Path(cache_dir) / FRAMES_FILE, np.int32, (n, 4))
 
 
 def content_cells(boxes: np.ndarray, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
@@ -261,10 +325,11 @@ def content_mask(cells: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return inside_rows[:, :, None] & inside_cols[:, None, :]
 
 
-def open_arrays(cache_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """(features bits, squared norms) of a checked manifest's cache, memory-mapped."""
+def open_arrays(cache_dir: Path, manifest: Manifest, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features bits, squared norms) of a checked manifest's cache, or of the shard of `count` images in
+    `cache_dir`, memory-mapped."""
     cache_dir = Path(cache_dir)
-    n = manifest.image_count
+    n = manifest.image_count if count is None else count
     h, w, c = manifest.grid
     return (open_array(cache_dir / FEATURES_FILE, np.uint16, (n, h, w, c)),
             open_array(cache_dir / SQNORMS_FILE, np.float32, (n, h, w)))
@@ -373,14 +438,15 @@ def features_signature(cache_dir: Path, manifest: Manifest) -> dict[str, Any]:
     return signature
 
 
-def open_index(cache_dir: Path, manifest: Manifest) -> FirstStageIndex:
-    """The cache's first-stage index, refused (IndexUnusable) when absent, built from other features, or damaged."""
+def open_index(cache_dir: Path, manifest: Manifest, count: int | None = None) -> FirstStageIndex:
+    """The first-stage index of a cache (or of the shard of `count` images in `cache_dir`), refused
+    (IndexUnusable) when absent, built from other features, or damaged."""
     cache_dir = Path(cache_dir)
     folder = cache_dir / INDEX_DIR
     if not (folder / INDEX_FILE).is_file():
         raise IndexUnusable("missing", f"{cache_dir} has no first-stage index; add one with "
-                            f"`python -m cache_builder index {cache_dir}`")
-    rebuild = f"rebuild it with `python -m cache_builder index {cache_dir}`"
+                            f"`python -m cache_builder index {cache_root(cache_dir)}`")
+    rebuild = f"rebuild it with `python -m cache_builder index {cache_root(cache_dir)}`"
     try:
         info = read_json_object(folder / INDEX_FILE)
         version, dims = int(info["version"]), int(info["dims"])
@@ -391,7 +457,7 @@ def open_index(cache_dir: Path, manifest: Manifest) -> FirstStageIndex:
                             f"{rebuild}")
     if info.get("signature") != features_signature(cache_dir, manifest):
         raise IndexUnusable("stale", f"{cache_dir}: the features changed since the index was built; {rebuild}")
-    n = manifest.image_count
+    n = manifest.image_count if count is None else count
     h, w, c = manifest.grid
     try:
         if dims <= 0 or dims % CODE_GROUP:

@@ -77,6 +77,11 @@ def make_parser() -> argparse.ArgumentParser:
                        help="iwildcam sources: only this split (repeatable; train, id_val, id_test, val, test)")
     build.add_argument("--domain-locations", metavar="FILE",
                        help="coco-cameratraps sources: file of in-domain locations, one per line; others are out")
+    build.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="extract on a Ray cluster (host:port; no address: a local one) and write the cache as "
+                       "shards; --out must be on storage every node mounts")
+    build.add_argument("--shard-size", type=int, help="--ray: images per shard (default: 50,000)")
+    build.add_argument("--actors", type=int, help="--ray: model actors (default: one per GPU, else one per node)")
     build.add_argument("--no-index", action="store_true",
                        help="skip the first-stage index of two-tier search (add it later with `index`)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -91,6 +96,20 @@ def make_parser() -> argparse.ArgumentParser:
     index.add_argument("--dims", type=int, help="dimensions kept per cell, 4 bits each, a multiple of 32 "
                        "(default: 128, or half the channels rounded up to 32)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    shard = commands.add_parser(
+        "shard", help="copy a cache into shards that separate machines can serve",
+        description="Copy a complete cache into --out as shards of --shard-size images: the same ids, metadata "
+        "and features, each shard with its own arrays, images and first-stage index. Searches of the copy give "
+        "the same hits; `--ray` (or VFS_RAY_ADDRESS) serves its shards from Ray actors. Rerunning an "
+        "interrupted command keeps the shards already written.",
+    )
+    shard.add_argument("cache", type=Path, help="the complete cache to split")
+    shard.add_argument("--out", required=True, type=Path, help="folder of the sharded copy (new or resumed)")
+    shard.add_argument("--shard-size", type=int, default=None,
+                       help="images per shard (default: 50,000)")
+    shard.add_argument("--no-index", action="store_true", help="skip the shards' first-stage indexes")
+    shard.add_argument("--quiet", action="store_true", help="no progress bar")
 
     layers = commands.add_parser(
         "layers", help="list a model's modules with their output shapes",
@@ -131,13 +150,24 @@ def run_build(args: argparse.Namespace) -> int:
     progress = None if args.quiet else _TqdmProgress()
     index_progress = None if args.quiet else _TqdmProgress("indexing", follows=progress)
     try:
-        manifest = build_cache(sources, args.out, options, on_progress=progress, on_index_progress=index_progress)
+        if args.ray is not None:
+            from cache_builder.ray_build import build_cache_on_ray
+            from cache_builder.sharding import DEFAULT_SHARD_SIZE
+
+            manifest = build_cache_on_ray(sources, args.out, options, address=args.ray,
+                                          shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
+                                          actors=args.actors,
+                                          on_progress=progress)
+        else:
+            manifest = build_cache(sources, args.out, options, on_progress=progress,
+                                   on_index_progress=index_progress)
     finally:
         for bar in (progress, index_progress):
             if bar is not None:
                 bar.close()
     height, width = manifest.image_size
-    print(f"cache complete: {args.out} ({manifest.image_count} images, grid {manifest.grid}, "
+    shards = f", {len(manifest.shards)} shards" if manifest.shards else ""
+    print(f"cache complete: {args.out} ({manifest.image_count} images{shards}, grid {manifest.grid}, "
           f"{len(manifest.skipped)} skipped; {manifest.frame} {width}x{height}: {manifest.framing})")
     for skipped in manifest.skipped[:20]:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
@@ -149,12 +179,29 @@ def run_index(args: argparse.Namespace) -> int:
 
     progress = None if args.quiet else _TqdmProgress("indexing")
     try:
-        index = build_index(args.cache, args.dims, on_progress=progress)
+        indexes = build_index(args.cache, args.dims, on_progress=progress)
     finally:
         if progress is not None:
             progress.close()
-    print(f"index complete: {args.cache / 'index'} ({index.dims} dimensions per cell in 4 bits, {index.energy:.0%} of the "
-          f"features' energy, {index.nbytes / 2**20:,.1f} MiB, built in {index.built_s:.1f} s)")
+    where = args.cache / "index" if len(indexes) == 1 else f"{args.cache}, one per shard ({len(indexes)})"
+    energy = sum(index.energy for index in indexes) / len(indexes)
+    print(f"index complete: {where} ({indexes[0].dims} dimensions per cell in 4 bits, {energy:.0%} of the "
+          f"features' energy, {sum(index.nbytes for index in indexes) / 2**20:,.1f} MiB, built in "
+          f"{sum(index.built_s for index in indexes):.1f} s)")
+    return 0
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from cache_builder.sharding import DEFAULT_SHARD_SIZE, split_cache
+
+    progress = None if args.quiet else _TqdmProgress("sharding")
+    try:
+        manifest = split_cache(args.cache, args.out, DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
+                               index=not args.no_index, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(f"sharded cache complete: {args.out} ({manifest.image_count} images in {len(manifest.shards)} shards)")
     return 0
 
 
@@ -202,7 +249,9 @@ def run_info(args: argparse.Namespace) -> int:
 
     manifest = fmt.read_manifest(args.cache)
     fmt.check_manifest(manifest, args.cache)
-    fmt.open_arrays(args.cache, manifest)  # the same checks the dashboard makes before it opens a cache
+    locations = fmt.shard_locations(args.cache, manifest)
+    for location in locations:  # the same checks the dashboard makes before it opens a cache
+        fmt.open_arrays(location.folder, manifest, location.count)
     if args.json:
         print(manifest.to_json())
         return 0
@@ -214,12 +263,15 @@ def run_info(args: argparse.Namespace) -> int:
     height, width = manifest.image_size
     print(f"frame       {manifest.frame}, {width}x{height} pixels ({manifest.framing or 'square centre crop'})")
     print(f"images      {manifest.image_count} cached, {len(manifest.skipped)} skipped")
+    if manifest.shards:
+        print(f"shards      {len(locations)}: " + ", ".join(f"{loc.count:,}" for loc in locations[:8])
+              + (" ..." if len(locations) > 8 else ""))
     for source in manifest.sources:
         print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
     try:
-        index = fmt.open_index(args.cache, manifest)
-        print(f"index       {index.dims} dimensions per cell in 4 bits ({index.energy:.0%} of the energy), "
-              f"{index.nbytes / 2**20:,.1f} MiB: `--mode approx` searches")
+        indexes = [fmt.open_index(location.folder, manifest, location.count) for location in locations]
+        print(f"index       {indexes[0].dims} dimensions per cell in 4 bits ({indexes[0].energy:.0%} of the energy), "
+              f"{sum(index.nbytes for index in indexes) / 2**20:,.1f} MiB: `--mode approx` searches")
     except fmt.IndexUnusable as exc:
         print(f"index       none usable ({exc.problem}): searches are exact")
     for column, counts in column_summaries(args.cache / fmt.METADATA_FILE).items():
@@ -243,7 +295,7 @@ def closed_pipe_exit() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"build": run_build, "index": run_index, "layers": run_layers, "info": run_info}
+    handlers = {"build": run_build, "index": run_index, "shard": run_shard, "layers": run_layers, "info": run_info}
     try:
         return handlers[args.command](args)
     except BrokenPipeError:

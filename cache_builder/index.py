@@ -46,21 +46,37 @@ def default_dims(channels: int) -> int:
 
 
 def build_index(cache_dir: Path, dims: int | None = None, on_progress: ProgressCallback | None = None,
-                chunk_bytes: int = CHUNK_BYTES) -> fmt.FirstStageIndex:
-    """Build (or finish, or replace) the first-stage index of a complete cache; returns it opened."""
-    started = time.perf_counter()
+                chunk_bytes: int = CHUNK_BYTES) -> list[fmt.FirstStageIndex]:
+    """Build (or finish, or replace) the first-stage index of every shard of a complete cache (one index per
+    shard, fitted to its own features, so a shard is searched wherever it is served); returns them opened.
+    `on_progress` counts images over the whole cache."""
     cache_dir = Path(cache_dir)
     manifest = fmt.read_manifest(cache_dir)
     fmt.check_manifest(manifest, cache_dir)
-    features, _ = fmt.open_arrays(cache_dir, manifest)
-    n, h, w, c = features.shape
+    return [build_shard_index(location, manifest, dims, _offset_progress(on_progress, location, manifest),
+                              chunk_bytes) for location in indexed_locations(cache_dir, manifest)]
+
+
+def indexed_locations(cache_dir: Path, manifest: fmt.Manifest) -> list[fmt.ShardLocation]:
+    """The shards with images: an empty one (its every image skipped by the build) has nothing to index."""
+    return [location for location in fmt.shard_locations(cache_dir, manifest) if location.count]
+
+
+def build_shard_index(location: fmt.ShardLocation, manifest: fmt.Manifest, dims: int | None = None,
+                      on_progress: ProgressCallback | None = None,
+                      chunk_bytes: int = CHUNK_BYTES) -> fmt.FirstStageIndex:
+    """One shard's index (the whole cache's, for a single-shard cache), in the shard's folder."""
+    started = time.perf_counter()
+    folder, n = location.folder, location.count
+    features, _ = fmt.open_arrays(folder, manifest, n)
+    _, h, w, c = features.shape
     dims = default_dims(c) if dims is None else int(dims)
     limit = fmt.CODE_GROUP * -(-c // fmt.CODE_GROUP)
     if not fmt.CODE_GROUP <= dims <= limit or dims % fmt.CODE_GROUP:
         raise CacheError(f"index dimensions must be a multiple of {fmt.CODE_GROUP} from {fmt.CODE_GROUP} to {limit} "
                          f"(the cache's {c} channels, rounded up), got {dims}")
-    signature = fmt.features_signature(cache_dir, manifest)
-    partial = cache_dir / fmt.INDEX_PARTIAL_DIR
+    signature = fmt.features_signature(folder, manifest)
+    partial = folder / fmt.INDEX_PARTIAL_DIR
     state = _resumable_state(partial, signature, dims)
     if state is None:
         shutil.rmtree(partial, ignore_errors=True)
@@ -91,23 +107,33 @@ def build_index(cache_dir: Path, dims: int | None = None, on_progress: ProgressC
             "built_s": round(elapsed_before + time.perf_counter() - started, 3), "builder_version": __version__}
     fmt.write_json_atomic(partial / fmt.INDEX_FILE, json.dumps(info, indent=2, sort_keys=True))
     (partial / STATE_FILE).unlink()
-    _swap_into_place(cache_dir, partial)
-    return fmt.open_index(cache_dir, manifest)
+    _swap_into_place(folder, partial)
+    return fmt.open_index(folder, manifest, n)
 
 
 def ensure_index(cache_dir: Path, dims: int | None = None, on_progress: ProgressCallback | None = None) -> bool:
-    """Build the index unless a usable one is there (new caches, and a rerun after an interrupted index build).
-    Returns whether it built one."""
+    """Build the index of every shard that lacks a usable one (new caches, and a rerun after an interrupted
+    index build). Returns whether it built any."""
     cache_dir = Path(cache_dir)
     manifest = fmt.read_manifest(cache_dir)
-    try:
-        current = fmt.open_index(cache_dir, manifest)
-        if dims is None or current.dims == dims:
-            return False
-    except fmt.IndexUnusable:
-        pass
-    build_index(cache_dir, dims, on_progress)
-    return True
+    built = False
+    for location in indexed_locations(cache_dir, manifest):
+        try:
+            current = fmt.open_index(location.folder, manifest, location.count)
+            if dims is None or current.dims == dims:
+                continue
+        except fmt.IndexUnusable:
+            pass
+        build_shard_index(location, manifest, dims, _offset_progress(on_progress, location, manifest))
+        built = True
+    return built
+
+
+def _offset_progress(on_progress: ProgressCallback | None, location: fmt.ShardLocation,
+                     manifest: fmt.Manifest) -> ProgressCallback | None:
+    if on_progress is None:
+        return None
+    return lambda done, _: on_progress(location.start + done, manifest.image_count)
 
 
 def sample_cells(features: np.ndarray, cells: int = FIT_CELLS, seed: int = 0) -> np.ndarray:

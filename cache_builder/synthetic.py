@@ -30,10 +30,12 @@ def write_array_cache(
     layer: str = "synthetic",
     chunk: int = 2048,
     label_column: str | None = None,
+    shard_size: int | None = None,
 ) -> fmt.Manifest:
     """Write a complete cache. `features` is (N, H, W, C) float, or `fn(start, stop)` returning such rows.
 
     `label_column` names the metadata column that holds an image's class, as a real source declares it.
+    `shard_size` writes it as shards of that many images (`cache_builder.sharding`) instead of one.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,29 +48,42 @@ def write_array_cache(
         rows_of = lambda start, stop: features[start:stop]  # noqa: E731
     first = np.asarray(rows_of(0, min(n, 1)))
     _, h, w, c = first.shape
-    stored = np.lib.format.open_memmap(out / fmt.FEATURES_FILE, mode="w+", dtype=np.uint16, shape=(n, h, w, c))
-    sqnorms = np.lib.format.open_memmap(out / fmt.SQNORMS_FILE, mode="w+", dtype=np.float32, shape=(n, h, w))
-    for start in range(0, n, chunk):
-        block = np.ascontiguousarray(rows_of(start, min(n, start + chunk)), dtype=np.float32)
-        stored[start:start + len(block)], sqnorms[start:start + len(block)] = fmt.encode_features(block)
-    stored.flush()
-    sqnorms.flush()
-    del stored, sqnorms
+    ranges = [(0, n)] if shard_size is None else [(lo, min(n, lo + shard_size)) for lo in range(0, n, shard_size)]
+    for number, (lo, hi) in enumerate(ranges):
+        folder = out if shard_size is None else out / fmt.shard_dir_name(number)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_arrays(folder, rows_of, lo, hi, (h, w, c), chunk)
+        for image_id in range(lo, hi if images is not None else lo):
+            target = folder / fmt.image_relpath(image_id - lo)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[image_id]).save(target, quality=95)
     frame = pd.DataFrame({"id": np.arange(n), "path": [f"synthetic/{i:07d}.png" for i in range(n)]})
     if metadata is not None:
         frame = pd.concat([frame, metadata.reset_index(drop=True).drop(columns=["id", "path"], errors="ignore")],
                           axis=1)
     write_metadata_frame(out / fmt.METADATA_FILE, frame)
-    for image_id in range(n if images is not None else 0):
-        target = out / fmt.image_relpath(image_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[image_id]).save(target, quality=95)
     manifest = fmt.Manifest(
         model=model, layer=layer, weights_source="synthetic", weights_sha256=None,
         preprocessing={"input_size": input_size}, input_size=input_size, grid=(h, w, c), image_count=n,
         sources=[{"spec": "synthetic", "kind": "synthetic", "domain": None, "images": n,
                   **({"label_column": label_column} if label_column else {})}],
         builder_version=__version__, status=fmt.STATUS_COMPLETE,
+        shards=[] if shard_size is None else [{"dir": fmt.shard_dir_name(k), "count": hi - lo}
+                                              for k, (lo, hi) in enumerate(ranges)],
     )
     fmt.write_manifest(out, manifest)
     return manifest
+
+
+def _write_arrays(folder: Path, rows_of: ChunkFn, lo: int, hi: int, grid: tuple[int, int, int], chunk: int) -> None:
+    h, w, c = grid
+    stored = np.lib.format.open_memmap(folder / fmt.FEATURES_FILE, mode="w+", dtype=np.uint16,
+                                       shape=(hi - lo, h, w, c))
+    sqnorms = np.lib.format.open_memmap(folder / fmt.SQNORMS_FILE, mode="w+", dtype=np.float32, shape=(hi - lo, h, w))
+    for start in range(lo, hi, chunk):
+        block = np.ascontiguousarray(rows_of(start, min(hi, start + chunk)), dtype=np.float32)
+        stored[start - lo:start - lo + len(block)], sqnorms[start - lo:start - lo + len(block)] = \
+            fmt.encode_features(block)
+    stored.flush()
+    sqnorms.flush()
+    del stored, sqnorms

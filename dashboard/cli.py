@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cache_builder.cache_format import CacheError
 from cache_builder.cli import closed_pipe_exit
-from dashboard import export
+from dashboard import distributed, export
 from dashboard.feature_cache import FeatureCache
 from dashboard.geometry import QueryError, box_mask, display_mask_to_grid
 from dashboard.metadata import FilterError, MetadataFilter
@@ -49,6 +49,9 @@ def make_parser() -> argparse.ArgumentParser:
     search.add_argument("--rerank", type=int, metavar="N", help="two-tier: candidates reranked exactly "
                         "(default: 0.5%% of the searched images, at least 1,000)")
     search.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default: csv)")
+    search.add_argument("--ray", nargs="?", const=distributed.LOCAL, metavar="ADDRESS",
+                        help="score the shards on Ray actors: the cluster at ADDRESS (host:port), or with no "
+                        f"address a local one (default: ${distributed.RAY_ADDRESS_ENV} if set, else this process)")
     return parser
 
 
@@ -76,7 +79,11 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    address = args.ray or distributed.ray_address()
+    distributed.check_address(address)  # before any work: an unreachable cluster is one clear error
     cache = FeatureCache.open(args.cache)
+    if address:
+        cache = distributed.serve(cache, address)
     features = content = None
     if args.image is not None:
         encoded = encode_image(cache.manifest, read_upload(args.image.read_bytes(), name=str(args.image)))
@@ -96,7 +103,10 @@ def run_search(args: argparse.Namespace) -> int:
         features=features, content=content, k=args.k, flt=parse_filters(args.filter, cache.metadata),
         per_group=args.per, exclude_query=args.exclude_query, mode=args.mode, rerank=args.rerank,
     )
-    result = search_regions(request)
+    try:
+        result = search_regions(request)
+    finally:
+        cache.search.close()
     hits = result.hits
     if result.mode.warning:
         print(f"warning: {result.mode.warning}", file=sys.stderr)

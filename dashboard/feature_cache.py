@@ -1,12 +1,14 @@
 """Open a cache once, check it against its manifest, and hand out zero-copy views of its arrays.
 
-The feature array is memory-mapped: opening a 10 GB cache costs no RAM up front, pages are shared by every
-session of the process (and by every process on the machine), and the OS evicts them under pressure.
+The feature arrays are memory-mapped, shard by shard (`dashboard.shards`): opening a 10 GB cache costs no RAM up
+front, pages are shared by every session of the process (and by every process on the machine), and the OS evicts
+them under pressure. `cache.search` scores the shards: in this process, or on the Ray actors serving them
+(`dashboard.distributed`); ids, metadata and images are always read here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +18,22 @@ from PIL import Image
 from cache_builder import cache_format as fmt
 from cache_builder.cache_format import CacheError, Manifest
 from dashboard.metadata import MetadataStore
+from dashboard.shards import CacheShard, LocalShards, ShardSearch, describe, tensor_view
+
+__all__ = ["FeatureCache", "tensor_view"]
 
 
 @dataclass
 class FeatureCache:
     path: Path
     manifest: Manifest
-    features_bits: np.ndarray  # (N, H, W, C) uint16 memmap: bfloat16 bit patterns
-    sqnorms: np.ndarray  # (N, H, W) float32 memmap
+    shards: list[CacheShard]
     metadata: MetadataStore
-    frames: np.ndarray | None = None  # (N, 4) pixel boxes of the picture (whole-frame caches), None when cropped
-    _index: fmt.FirstStageIndex | fmt.IndexUnusable | None = field(default=None, repr=False)
-    _index_stamp: int | None = field(default=None, repr=False)
-    _scattered: np.ndarray | None = field(default=None, repr=False)
+    search: ShardSearch = field(default=None, repr=False)  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.search is None:
+            self.search = LocalShards(self.shards)
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureCache":
@@ -36,8 +41,7 @@ class FeatureCache:
         manifest = fmt.read_manifest(path)
         fmt.check_manifest(manifest, path)
         n = manifest.image_count
-        features, sqnorms = fmt.open_arrays(path, manifest)
-        frames = fmt.open_frames(path, manifest)
+        shards = [CacheShard.open(location, manifest) for location in fmt.shard_locations(path, manifest)]
         metadata = MetadataStore(path / fmt.METADATA_FILE)
         if not metadata.id_range_ok(n):
             metadata.close()
@@ -45,8 +49,11 @@ class FeatureCache:
                 f"{path}: metadata.duckdb does not hold exactly one row per cached image (ids 0..{n - 1}); "
                 "rebuild the cache"
             )
-        return cls(path=path, manifest=manifest, features_bits=features, sqnorms=sqnorms, metadata=metadata,
-                   frames=frames)
+        return cls(path=path, manifest=manifest, shards=shards, metadata=metadata)
+
+    def served_by(self, search: ShardSearch) -> "FeatureCache":
+        """The same cache with its shards scored by `search` (e.g. Ray actors); metadata and files stay here."""
+        return replace(self, search=search)
 
     @property
     def size(self) -> int:
@@ -76,44 +83,82 @@ class FeatureCache:
         """(height, width) in pixels of the cached images: the display a region is drawn on."""
         return self.manifest.image_size
 
+    @property
+    def sharded(self) -> bool:
+        return len(self.shards) > 1
+
+    def feature_bytes(self) -> int:
+        """What an exact scan reads: the features and their norms, over every shard."""
+        return sum(shard.features_bits.nbytes + shard.sqnorms.nbytes for shard in self.shards)
+
+    def shard_of(self, image_id: int) -> CacheShard:
+        image_id = self.check_id(image_id)
+        return self.shards[int(np.searchsorted(self.search.starts, image_id, side="right")) - 1]
+
+    # A single-shard cache's arrays, as scripts and benchmarks read them directly.
+    @property
+    def features_bits(self) -> np.ndarray:
+        return self._only_shard().features_bits
+
+    @property
+    def sqnorms(self) -> np.ndarray:
+        return self._only_shard().sqnorms
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        return self._only_shard().frames
+
+    def features(self) -> torch.Tensor:
+        """(N, H, W, C) bfloat16 tensor of a single-shard cache, sharing memory with the memmap (no copy)."""
+        return self._only_shard().features()
+
+    def _only_shard(self) -> CacheShard:
+        if self.sharded:
+            raise CacheError(f"{self.path} is sharded ({len(self.shards)} shards): read each shard's arrays "
+                             "(`cache.shards`), or search it through `cache.search`")
+        return self.shards[0]
+
     def content_cells(self, ids: np.ndarray | None = None) -> np.ndarray | None:
         """(len(ids), 4) cell boxes (r0, c0, r1, c1) showing each image's picture, the rest being padding; None
         when no image has padding (a cropped cache)."""
-        if self.frames is None:
+        if self.manifest.frame == "crop":
             return None
-        boxes = self.frames if ids is None else self.frames[np.asarray(ids, dtype=np.int64)]
+        ids = np.arange(self.size) if ids is None else np.asarray(ids, dtype=np.int64)
+        boxes = np.zeros((len(ids), 4), dtype=np.int32)
+        shard_of = np.searchsorted(self.search.starts, ids, side="right") - 1
+        for number in np.unique(shard_of):
+            shard = self.shards[number]
+            boxes[shard_of == number] = shard.frames[ids[shard_of == number] - shard.start]
         return fmt.content_cells(boxes, self.grid, self.image_size)
 
-    def features(self) -> torch.Tensor:
-        """(N, H, W, C) bfloat16 tensor sharing memory with the memmap (no copy); never write through it."""
-        return tensor_view(self.features_bits).view(torch.bfloat16)
-
     def first_stage(self) -> fmt.FirstStageIndex:
-        """The two-tier search's first-stage index, opened and checked once per version of its `index.json` (an
-        index added or rebuilt while the app runs is found; an unusable one is not re-hashed at every rerun);
-        IndexUnusable says why there is none."""
-        stamp = _modified(self.path / fmt.INDEX_DIR / fmt.INDEX_FILE)
-        if self._index is None or self._index_stamp != stamp:
+        """The two-tier search's first-stage index (of the first shard; every shard's index is checked, and
+        IndexUnusable names the first shard without a usable one). Empty shards (every image of their range
+        skipped by the build) have none and need none."""
+        first = None
+        for shard in self.indexed_shards():
             try:
-                self._index = fmt.open_index(self.path, self.manifest)
+                index = shard.first_stage()
             except fmt.IndexUnusable as exc:
-                self._index = exc
-            self._index_stamp = stamp
-        if isinstance(self._index, fmt.IndexUnusable):
-            raise fmt.IndexUnusable(self._index.problem, str(self._index))
-        return self._index
+                if not self.sharded:
+                    raise
+                raise fmt.IndexUnusable(exc.problem, f"{describe(shard.location)}: {exc}") from None
+            first = first or index
+        if first is None:
+            raise fmt.IndexUnusable("missing", f"{self.path} holds no images to index")
+        return first
 
-    def scattered_features_bits(self) -> np.ndarray:
-        """The features mapped a second time for reading scattered rows (a two-tier rerank): see
-        `fmt.open_scattered`. Kept: a row reranked before is found mapped (a fresh mapping per rerank measured
-        0.3-0.4 s slower at 20,000 rows, from re-mapping every page)."""
-        if self._scattered is None:
-            self._scattered = fmt.open_scattered(self.path / fmt.FEATURES_FILE, self.features_bits)
-        return self._scattered
+    def indexed_shards(self) -> list[CacheShard]:
+        """The shards that hold images, and so a first-stage index."""
+        return [shard for shard in self.shards if shard.count]
+
+    def index_bytes(self) -> int:
+        return sum(shard.first_stage().nbytes for shard in self.indexed_shards())
 
     def image_features(self, image_id: int) -> np.ndarray:
         """(H, W, C) float32 features of one cached image: a query that needs no model run."""
-        return fmt.from_bfloat16_bits(self.features_bits[self.check_id(image_id)])
+        shard = self.shard_of(image_id)
+        return fmt.from_bfloat16_bits(shard.features_bits[int(image_id) - shard.start])
 
     def check_id(self, image_id: int) -> int:
         if not isinstance(image_id, (int, np.integer)) or not 0 <= int(image_id) < self.size:
@@ -122,25 +167,9 @@ class FeatureCache:
 
     def image_file(self, image_id: int) -> Path:
         """Only ids of this cache map to files, so no request can name a path of its own."""
-        return self.path / fmt.image_relpath(self.check_id(image_id))
+        shard = self.shard_of(image_id)
+        return shard.location.folder / fmt.image_relpath(int(image_id) - shard.start)
 
     def load_image(self, image_id: int) -> Image.Image:
         with Image.open(self.image_file(image_id)) as image:
             return image.convert("RGB")
-
-
-def _modified(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
-def tensor_view(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing memory with `array`, read-only memmaps included, made without a warning.
-
-    `torch.from_numpy` warns on read-only arrays, and silencing it per call with `warnings.catch_warnings` is not
-    thread-safe: that swaps the process-wide filter list, so two sessions interleaving leave an "ignore
-    UserWarning" filter installed for good. DLPack carries the read-only flag and makes the same zero-copy view.
-    """
-    return torch.from_dlpack(array)

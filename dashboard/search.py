@@ -154,8 +154,7 @@ def search_regions(request: SearchRequest) -> SearchResult:
     if mode.mode == "approx":
         scored = two_tier.first_stage_scores(cache, query, candidates, scorer.name)
     else:
-        scored = scoring.score_windows(cache.features(), cache.sqnorms, query, candidates, backend=scorer.name,
-                                       content=cache.content_cells(candidates))
+        scored = cache.search.exact(query, candidates, scorer.name)
     searched = store.rows(None if candidates is None else scored.ids)  # the one metadata read of a search
     groups = None
     if request.per_group is not None:
@@ -164,7 +163,7 @@ def search_regions(request: SearchRequest) -> SearchResult:
     found, rows, reranked = scored, np.arange(len(scored.ids)), 0
     if mode.mode == "approx":  # exact scores and windows for the first stage's best
         shortlist = two_tier.shortlist(scored, depth, groups)
-        found = two_tier.rerank(cache, query, shortlist, scorer.name, cache.content_cells(shortlist))
+        found = two_tier.rerank(cache, query, shortlist, scorer.name)
         rows, reranked = np.searchsorted(scored.ids, found.ids), len(shortlist)
         groups = None if groups is None else groups[rows]
     order = rank(found.scores, found.ids, request.k, groups) if len(found.ids) else np.array([], dtype=np.int64)
@@ -176,7 +175,7 @@ def search_regions(request: SearchRequest) -> SearchResult:
 
 def heat_maps(cache: FeatureCache, result: SearchResult, ids) -> np.ndarray:
     """(len(ids), out_h, out_w) every window's score for the hits `ids`: the query is prepared once for all."""
-    return scoring.window_score_maps(cache.features(), cache.sqnorms, result.query, ids, backend=result.backend)
+    return cache.search.window_maps(result.query, ids, result.backend)
 
 
 def rank(scores: np.ndarray, ids: np.ndarray, k: int, groups: np.ndarray | None = None) -> np.ndarray:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from cache_builder import cache_format as fmt
 from dashboard import scoring
-from dashboard.feature_cache import FeatureCache, tensor_view
+from dashboard.feature_cache import FeatureCache
 from dashboard.geometry import QueryError
 from dashboard.region_query import RegionQuery
 
@@ -50,7 +48,7 @@ def ram_bytes() -> int:
 
 def array_bytes(cache: FeatureCache) -> int:
     """What an exact scan reads: the features and their norms."""
-    return cache.features_bits.nbytes + cache.sqnorms.nbytes
+    return cache.feature_bytes()
 
 
 def fits_in_ram(cache: FeatureCache) -> bool:
@@ -87,7 +85,7 @@ def choose_mode(requested: str, cache: FeatureCache, searched: int, depth: int) 
         return ModeChoice("exact", "every image scored exactly",
                           warning=f"the cache is larger than half the RAM but its index is {exc.problem} ({exc}); "
                           "searching exactly, which reads every feature")
-    per_image, per_code = cache.features_bits[0].nbytes, index.codes[0].nbytes
+    per_image, per_code = 2 * math.prod(cache.manifest.grid), index.codes[0].nbytes
     if searched * (per_image - per_code) <= depth * per_image:  # two tiers would read more than one scan
         return ModeChoice("exact", f"only {searched:,} images to search (rerank depth {depth:,}): scored exactly")
     return ModeChoice("approx", f"two-tier: a {index.dims}-dimension first stage over {searched:,} images, "
@@ -114,31 +112,14 @@ def _top(scores: np.ndarray, depth: int) -> np.ndarray:
 def first_stage_scores(cache: FeatureCache, query: RegionQuery, ids: np.ndarray | None,
                        backend: str | None = None) -> scoring.WindowScores:
     """Every searched image's best window by the first stage (approximate scores, projected numerators)."""
-    return scoring.score_codes(cache.first_stage(), cache.sqnorms, query, ids, backend=backend)
+    return cache.search.first_stage(query, ids, backend)
 
 
-def rerank(cache: FeatureCache, query: RegionQuery, shortlisted: np.ndarray, backend: str | None = None,
-           content: np.ndarray | None = None) -> scoring.WindowScores:
-    """Exact scores and windows of the shortlisted images. Their rows are scattered over a cache that may be on
-    disk: a thread asks the OS for all of them at once (`advise_will_need`) while the kernel scores the first
-    ones, through a mapping marked random-access (`open_scattered`), so a row the kernel reaches before it was
-    requested reads only its own pages. On the 1M-image benchmark cache, 20,000 candidates took 0.4-0.7 s this
-    way against 13-17 s through the plain mapping. Afterwards the rows are unmapped from the process (the page
-    cache keeps them), so its resident memory is the index plus one rerank, not every row ever reranked."""
-    bits = cache.scattered_features_bits()
-    reader = threading.Thread(target=_will_need, args=(bits, cache.sqnorms, shortlisted), daemon=True)
-    reader.start()
-    try:
-        return scoring.score_windows(tensor_view(bits).view(torch.bfloat16), cache.sqnorms, query, shortlisted,
-                                     backend=backend, content=content)
-    finally:
-        reader.join()
-        fmt.advise_done_with(bits, shortlisted)
-
-
-def _will_need(bits: np.ndarray, sqnorms: np.ndarray, ids: np.ndarray) -> None:
-    fmt.advise_will_need(sqnorms, ids)
-    fmt.advise_will_need(bits, ids)
+def rerank(cache: FeatureCache, query: RegionQuery, shortlisted: np.ndarray,
+           backend: str | None = None) -> scoring.WindowScores:
+    """Exact scores and windows of the shortlisted images, read from wherever they lie
+    (`dashboard.shards.CacheShard.rerank`)."""
+    return cache.search.rerank(query, shortlisted, backend)
 
 
 def approx_top(cache: FeatureCache, query: RegionQuery, ids: np.ndarray | None, depth: int, k: int,
@@ -197,8 +178,9 @@ def index_status(cache: FeatureCache) -> str:
                 + ("" if fits else "; this cache is larger than half the RAM, so add one with "
                    f"`python -m cache_builder index {cache.path}`"))
     auto = "exact (the cache fits in RAM)" if fits else "two-tier"
-    return (f"first-stage index: {index.dims} dimensions per cell in 4 bits, {index.nbytes / 2**30:,.2f} GiB, "
-            f"{index.energy:.0%} of the energy; `auto` searches run {auto}")
+    per_shard = f", one per shard ({len(cache.shards)})" if cache.sharded else ""
+    return (f"first-stage index: {index.dims} dimensions per cell in 4 bits, {cache.index_bytes() / 2**30:,.2f} GiB"
+            f"{per_shard}, {index.energy:.0%} of the energy; `auto` searches run {auto}")
 
 
 def mode_summary(choice: ModeChoice, recall: RecallEstimate | None = None) -> str:

@@ -2,7 +2,9 @@
 
 import streamlit as st
 
-from dashboard import catalog, two_tier
+from cache_builder.cache_format import CacheError
+
+from dashboard import catalog, distributed, two_tier
 from dashboard.scoring import engine_status
 from dashboard.settings import CACHES_DIR_ENV
 from dashboard.ui import access, resources
@@ -30,8 +32,15 @@ for entry in entries:
         cols[3].metric("Feature grid", f"{h}x{w}x{c}")
         st.caption(f"Built {manifest.created} · weights: {manifest.weights_source} · "
                    f"{len(manifest.skipped)} skipped files")
-        cache = resources.load_cache(entry.path)
+        try:
+            cache = resources.load_cache(entry.path)
+        except CacheError as exc:  # e.g. a shard the cluster's actors cannot serve
+            st.error(str(exc))
+            continue
         st.caption(two_tier.index_status(cache))
+        if cache.sharded or distributed.ray_address():
+            with st.expander(f"Shards ({len(cache.shards)}) and where they are served"):
+                st.text("\n".join(cache.search.placement()))
         sample = list(range(min(8, cache.size)))
         st.image([str(cache.image_file(i)) for i in sample], width=120,
                  caption=[str(p) for p in cache.metadata.rows(sample, ["path"])["path"]])

@@ -7,6 +7,8 @@ import hashlib
 
 import streamlit as st
 
+from cache_builder.cache_format import CacheError
+
 from dashboard import analysis, geometry, rendering
 from dashboard.geometry import QueryError
 from dashboard.search import SearchRequest
@@ -72,6 +74,9 @@ for name, cache in ((entry_a.name, cache_a), (entry_b.name, cache_b)):
         results[name] = resources.run_search(request).hits
     except QueryError as exc:
         st.warning(f"{name}: {exc}")
+        st.stop()
+    except CacheError as exc:  # a shard its Ray actors could not serve, named
+        st.error(f"{name}: {exc}")
         st.stop()
 
 ids_a, ids_b = (list(results[n]["id"]) for n in (entry_a.name, entry_b.name))

@@ -6,6 +6,8 @@ import hashlib
 
 import streamlit as st
 
+from cache_builder.cache_format import CacheError
+
 from dashboard import analysis, charts, export, rendering, two_tier
 from dashboard.export import format_value
 from dashboard.geometry import QueryError
@@ -102,7 +104,7 @@ try:
 except QueryError as exc:
     st.warning(str(exc))
     st.stop()
-except FilterError as exc:
+except (FilterError, CacheError) as exc:  # CacheError: a shard its Ray actors could not serve, named
     st.error(str(exc))
     st.stop()
 hits = result.hits

@@ -15,6 +15,25 @@ from dashboard.feature_cache import FeatureCache
 # Every test run builds the native search kernel afresh (as a new machine would), in a folder of its own; the
 # app servers the browser tests start inherit it.
 os.environ["VFS_KERNEL_DIR"] = tempfile.mkdtemp(prefix="vfs-test-kernels-")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's servers on 127.0.0.1 only
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on loopback (a head node and a second node, one CPU each), joined by this
+    process, shared by the cluster tests and torn down at the end of the session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cache_builder.cluster import connect
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    connect(nodes.address)
+    yield nodes
+    ray.shutdown()
+    nodes.shutdown()
 
 
 def reference_scores(features: np.ndarray, query: np.ndarray, weights: np.ndarray) -> np.ndarray:

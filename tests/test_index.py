@@ -35,7 +35,7 @@ def new_cache(path: Path, seed: int = 0) -> Path:
 
 def test_the_index_holds_every_cell_projected_on_the_top_principal_directions_in_4_bits(tmp_path):
     cache = new_cache(tmp_path / "c")
-    index = build_index(cache, dims=32)
+    [index] = build_index(cache, dims=32)
     stored = FeatureCache.open(cache)
     assert index.dims == 32 and index.codes.shape == (N, 4, 5, 16) and index.codes.dtype == np.uint8
     assert index.basis.shape == (72, 32) and index.steps.shape == index.means.shape == (32,)
@@ -80,7 +80,7 @@ def test_codes_pack_two_values_a_byte_and_clip_beyond_the_outer_levels():
 
 def test_default_dims_and_bad_dims(tmp_path):
     cache = new_cache(tmp_path / "c")
-    assert build_index(cache).dims == 64  # half the channels, rounded up to a group of 32 (at most 128)
+    assert build_index(cache)[0].dims == 64  # half the channels, rounded up to a group of 32 (at most 128)
     for bad in (33, 0, 128):
         with pytest.raises(fmt.CacheError, match="multiple of 32 from 32 to 96"):
             build_index(cache, dims=bad)
@@ -127,7 +127,7 @@ def test_an_index_of_other_features_is_stale_and_a_damaged_one_is_refused(tmp_pa
 
 def test_an_interrupted_index_build_leaves_the_cache_searchable_and_resumes(tmp_path):
     cache = new_cache(tmp_path / "c")
-    reference = build_index(new_cache(tmp_path / "ref"), dims=32)
+    [reference] = build_index(new_cache(tmp_path / "ref"), dims=32)
     row_bytes = int(np.prod(GRID)) * 2
     done = []
 
@@ -142,7 +142,7 @@ def test_an_interrupted_index_build_leaves_the_cache_searchable_and_resumes(tmp_
     with pytest.raises(fmt.IndexUnusable, match="no first-stage index"):
         FeatureCache.open(cache).first_stage()  # the cache opens; the search runs exact meanwhile
     resumed = []
-    index = build_index(cache, dims=32, on_progress=lambda d, t: resumed.append(d), chunk_bytes=50 * row_bytes)
+    [index] = build_index(cache, dims=32, on_progress=lambda d, t: resumed.append(d), chunk_bytes=50 * row_bytes)
     assert resumed[0] == 150  # continued after the two chunks already on disk
     assert np.array_equal(index.codes, reference.codes)
     assert not (cache / fmt.INDEX_PARTIAL_DIR).exists()
@@ -161,7 +161,7 @@ build_index(sys.argv[2], dims=64, on_progress=die, chunk_bytes=int(sys.argv[3]))
 
 def test_an_index_build_killed_with_sigkill_keeps_the_old_index_and_completes_on_rerun(tmp_path):
     cache = new_cache(tmp_path / "c")
-    old = build_index(cache, dims=32)
+    [old] = build_index(cache, dims=32)
     run = subprocess.run([sys.executable, "-c", KILLER, str(ROOT), str(cache), str(50 * int(np.prod(GRID)) * 2)],
                          capture_output=True, timeout=120)
     assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]

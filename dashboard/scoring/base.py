@@ -63,3 +63,13 @@ class Scorer(ABC):
     @abstractmethod
     def prepare(self, query: RegionQuery, grid: tuple[int, int], channels: int) -> PreparedQuery:
         ...
+
+
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing memory with `array`, read-only memmaps included, made without a warning.
+
+    `torch.from_numpy` warns on read-only arrays, and silencing it per call with `warnings.catch_warnings` is not
+    thread-safe: that swaps the process-wide filter list, so two sessions interleaving leave an "ignore
+    UserWarning" filter installed for good. DLPack carries the read-only flag and makes the same zero-copy view.
+    """
+    return torch.from_dlpack(array)

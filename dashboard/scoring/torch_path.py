@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dashboard.feature_cache import tensor_view
 from dashboard.region_query import RegionQuery
-from dashboard.scoring.base import PreparedQuery, Scorer
+from dashboard.scoring.base import PreparedQuery, Scorer, tensor_view
 
 CHUNK_BYTES = 48 * 2**20  # bound on the temporary memory of one search, whatever the cache size
 GATHER_CHUNK_BYTES = 8 * 2**20

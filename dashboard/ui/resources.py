@@ -20,7 +20,7 @@ from cache_builder.build import BuildOptions, build_cache
 from cache_builder.cache_format import MANIFEST_FILE
 from cache_builder.errors import BuildError
 from cache_builder.sources import parse_source
-from dashboard import catalog, metadata, search, settings, two_tier
+from dashboard import catalog, distributed, metadata, search, settings, two_tier
 from dashboard.feature_cache import FeatureCache
 from dashboard.query_encoder import EncodedImage, encode_image
 from dashboard.search import SearchRequest, SearchResult
@@ -46,10 +46,13 @@ def caches_root() -> Path:
     return settings.current().caches_root(secret("caches_dir"))
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda cache: cache.search.close())
 def _open_cache(path: str, manifest_mtime: float) -> FeatureCache:
-    """`manifest_mtime` is part of the key so a rebuilt cache is reopened."""
-    return FeatureCache.open(path)
+    """`manifest_mtime` is part of the key so a rebuilt cache is reopened. With `VFS_RAY_ADDRESS` set, the
+    cache's shards are served by Ray actors on that cluster, started here once per process and cache."""
+    cache = FeatureCache.open(path)
+    address = distributed.ray_address()
+    return distributed.serve(cache, address) if address else cache
 
 
 def load_cache(path: Path) -> FeatureCache:

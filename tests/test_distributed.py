@@ -1,0 +1,147 @@
+"""Shards served by Ray actors (dashboard/distributed.py) on a real two-node Ray cluster on loopback: the same
+answers as a local search, actors that die between and during queries, a shard that cannot be served."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ray
+
+from cache_builder import cache_format as fmt
+from cache_builder.sharding import split_cache
+from cache_builder.synthetic import write_array_cache
+from dashboard import distributed, two_tier
+from dashboard.distributed import ClusterError
+from dashboard.feature_cache import FeatureCache
+from dashboard.metadata import MetadataFilter
+from dashboard.search import SearchRequest, heat_maps, search_regions
+
+N, GRID, SHARD = 300, (5, 5, 64), 75  # 4 shards
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster):
+    return ray_cluster
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> FeatureCache:
+    rng = np.random.default_rng(5)
+    features = np.maximum(rng.normal(size=(N, *GRID)), 0).astype(np.float32)
+    metadata = pd.DataFrame({"group": [f"g{i % 13}" for i in range(N)]})
+    single = tmp_path_factory.mktemp("single")
+    write_array_cache(single, features, metadata=metadata)
+    out = tmp_path_factory.mktemp("sharded") / "cache"
+    split_cache(single, out, SHARD)
+    return FeatureCache.open(out)
+
+
+@pytest.fixture
+def served(cluster, sharded, tmp_path):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    cache = distributed.serve(sharded, cluster.address, faults=str(faults))
+    cache.faults = faults
+    yield cache
+    cache.search.close()
+
+
+def search(cache, **kwargs):
+    kwargs.setdefault("image_id", 11)
+    kwargs.setdefault("weights", np.pad(np.ones((2, 2), np.float32), ((1, 2), (2, 1))))
+    return search_regions(SearchRequest(cache=cache, **kwargs))
+
+
+def test_ray_search_equals_local_search_on_random_queries(served, sharded, monkeypatch):
+    monkeypatch.setattr(two_tier, "ram_bytes", lambda: 2**20)  # auto runs two-tier: both stages fan out
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        weights = (rng.random(GRID[:2]) > 0.6).astype(np.float32)
+        weights[rng.integers(5), rng.integers(5)] = 1
+        kwargs = dict(image_id=int(rng.integers(N)), weights=weights, k=int(rng.integers(1, 30)))
+        for mode in ("exact", "auto"):
+            local, remote = search(sharded, mode=mode, rerank=60, **kwargs), search(served, mode=mode, rerank=60,
+                                                                                    **kwargs)
+            pd.testing.assert_frame_equal(remote.hits, local.hits)
+            pd.testing.assert_frame_equal(remote.scores, local.scores)
+            assert remote.mode == local.mode
+        ids = local.hits["id"].to_numpy()
+        np.testing.assert_array_equal(heat_maps(served, remote, ids), heat_maps(sharded, local, ids))
+    flt = MetadataFilter(equals={"group": ["g1", "g2", "g3"]})
+    pd.testing.assert_frame_equal(search(served, flt=flt, per_group="group").hits,
+                                  search(sharded, flt=flt, per_group="group").hits)
+
+
+def test_the_shards_are_spread_over_the_nodes_and_say_where(served):
+    lines = served.search.placement()
+    assert len(lines) == 4 and all("Ray actor on node" in line for line in lines)
+    assert len({line.split("node ")[1].split()[0] for line in lines}) == 2  # both nodes serve shards
+
+
+def test_an_actor_killed_between_queries_is_replaced(served, sharded):
+    before = search(served, k=12).hits
+    ray.kill(served.search.actors[2], no_restart=True)
+    pd.testing.assert_frame_equal(search(served, k=12).hits, before)
+    pd.testing.assert_frame_equal(before, search(sharded, k=12).hits)
+
+
+def test_an_actor_that_dies_during_a_query_is_replaced_and_the_query_retried(served, sharded):
+    (served.faults / "crash-1").touch()  # shard 1's actor exits inside its next call
+    result = search(served, k=15)
+    assert not (served.faults / "crash-1").exists()  # it did die mid-query
+    pd.testing.assert_frame_equal(result.hits, search(sharded, k=15).hits)
+
+
+def test_a_shard_that_cannot_be_served_is_named_and_the_next_search_works(served, sharded, tmp_path):
+    features = sharded.path / "shards" / "00003" / fmt.FEATURES_FILE
+    hidden = tmp_path / "hidden.npy"
+    shutil.move(features, hidden)
+    try:
+        (served.faults / "crash-3").touch()  # dies mid-query; its replacement finds the shard damaged
+        with pytest.raises(ClusterError, match=r"shard 3 .*failed twice.*features.npy is missing"):
+            search(served)
+    finally:
+        shutil.move(hidden, features)
+    pd.testing.assert_frame_equal(search(served, k=5).hits, search(sharded, k=5).hits)  # the app keeps working
+
+
+def test_a_missing_shard_is_refused_when_serving_starts(cluster, sharded, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sharded.path, copy)
+    cache = FeatureCache.open(copy)
+    (copy / "shards" / "00002" / fmt.SQNORMS_FILE).unlink()
+    with pytest.raises(ClusterError, match=r"shard 2 .*sqnorms.npy is missing"):
+        distributed.serve(cache, cluster.address)
+
+
+def test_an_unreachable_address_is_one_clear_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free, so nothing listens there once closed
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        distributed.check_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 30
+    with pytest.raises(ClusterError, match="expected HOST:PORT"):
+        distributed.check_address("not an address")
+
+
+def test_the_search_cli_fans_out_with_ray_and_prints_the_same_hits(cluster, sharded, capsys):
+    from dashboard.cli import main as search_main
+
+    args = ["search", str(sharded.path), "--image-id", "4", "--box", "0,0,100,100", "-k", "7"]
+    assert search_main(args) == 0
+    local = capsys.readouterr().out
+    assert search_main(args + ["--ray", cluster.address]) == 0
+    assert capsys.readouterr().out == local and len(local.splitlines()) == 8
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert search_main(args + ["--ray", f"127.0.0.1:{port}"]) == 2
+    assert "no Ray cluster answers" in capsys.readouterr().err
