@@ -35,6 +35,23 @@ def draw_window(image: Image.Image, box: tuple[int, int, int, int], color=(255, 
     return out
 
 
+SUGGESTION_COLORS = [(0, 200, 255), (255, 200, 0), (80, 255, 120), (255, 90, 200), (200, 140, 255), (255, 255, 255)]
+
+
+def suggestion_overlay(image: Image.Image, boxes: list[tuple[int, int, int, int]]) -> Image.Image:
+    """A copy with each suggested box outlined in its own colour and numbered from 1 (as its button is)."""
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    width = max(2, min(out.size) // 100)
+    for number, box in reversed(list(enumerate(boxes, start=1))):  # the best drawn last, on top
+        color = SUGGESTION_COLORS[(number - 1) % len(SUGGESTION_COLORS)]
+        x0, y0, x1, y1 = (int(v) for v in box)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=width)
+        draw.rectangle((x0, y0, x0 + 4 + 7 * len(str(number)), y0 + 13), fill=color)
+        draw.text((x0 + 3, y0 + 1), str(number), fill=(0, 0, 0))
+    return out
+
+
 def cell_scores(window_scores: np.ndarray, grid: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
     """(H, W) map: each cell takes the best score of the windows covering it.
 

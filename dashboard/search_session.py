@@ -4,7 +4,8 @@ Pages, widget callbacks and other pages (Dataset's *Use as query*) talk to the S
 class. It works on any mutable mapping: `st.session_state` in the app, a dict in tests, so no Streamlit here.
 
 Which region is searched, in order: one drawn on the canvas; else one preset for the current query image, by
-a shared link or by a clicked hit; else none (the page asks for one).
+a shared link, a clicked hit or a clicked suggestion; else none (the page asks for one). A query image is named
+by its id, or for an upload by a token of its bytes.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ QUERY_SOURCES = (FROM_DATASET, UPLOAD)
 @dataclass(frozen=True)
 class Region:
     weights: np.ndarray  # (H, W) on the cache's feature grid
-    origin: str  # "drawn" or "preset" (from a link or a clicked hit)
+    origin: str  # "drawn" or "preset" (from a link, a clicked hit or a clicked suggestion)
 
 
 class SearchSession:
     QUERY_ID = "query_id"
     QUERY_SOURCE = "query-source"
     CACHE = "search-cache"  # the Search page's cache selectbox
-    PRESET_REGION = "preset_region"  # (image id, grid weights) from a link or a clicked hit
+    PRESET_REGION = "preset_region"  # (query image, grid weights) from a link, a clicked hit or a suggestion
+    CANVAS_ROUND = "canvas_round"  # bumped to give the canvas a new key: a clicked suggestion clears a drawing
     LINK = "link_state"
     LINK_PROBLEMS = "link_problems"
 
@@ -69,12 +71,12 @@ class SearchSession:
         self.state[self.QUERY_ID] = int(current)
         return int(current)
 
-    def region(self, drawn: np.ndarray | None, image_id: int | None, grid: tuple[int, int]) -> Region | None:
-        """The region to search: the drawn one, else a preset for this image and grid."""
+    def region(self, drawn: np.ndarray | None, image: int | str | None, grid: tuple[int, int]) -> Region | None:
+        """The region to search: the drawn one, else a preset for this query image and grid."""
         if drawn is not None:
             return Region(drawn, "drawn")
         preset = self.state.get(self.PRESET_REGION)
-        if preset is not None and preset[0] == image_id and np.shape(preset[1]) == tuple(grid):
+        if preset is not None and preset[0] == image and np.shape(preset[1]) == tuple(grid):
             return Region(np.asarray(preset[1], dtype=np.float32), "preset")
         return None
 
@@ -89,6 +91,14 @@ class SearchSession:
         self.state[self.QUERY_SOURCE] = FROM_DATASET
         self.state[self.QUERY_ID] = int(hit_id)
         self.state[self.PRESET_REGION] = (int(hit_id), geometry.window_region(grid, row, col, height, width))
+
+    def canvas_round(self) -> int:
+        return int(self.state.get(self.CANVAS_ROUND, 0))
+
+    def use_suggestion(self, image: int | str, weights: np.ndarray) -> None:
+        """A clicked suggested region becomes the region searched, replacing any drawing (a fresh canvas)."""
+        self.state[self.PRESET_REGION] = (image, np.asarray(weights, dtype=np.float32))
+        self.state[self.CANVAS_ROUND] = self.canvas_round() + 1
 
     def use_as_query(self, cache_name: str, image_id: int) -> None:
         """Another page hands an image to the Search page."""

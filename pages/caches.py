@@ -41,9 +41,10 @@ for entry in entries:
         if cache.sharded or distributed.ray_address():
             with st.expander(f"Shards ({len(cache.shards)}) and where they are served"):
                 st.text("\n".join(cache.search.placement()))
-        sample = list(range(min(8, cache.size)))
-        st.image([str(cache.image_file(i)) for i in sample], width=120,
-                 caption=[str(p) for p in cache.metadata.rows(sample, ["path"])["path"]])
+        sample = [i for i in range(min(8, cache.size)) if cache.image_file(i).is_file()]  # synthetic: none
+        if sample:
+            st.image([str(cache.image_file(i)) for i in sample], width=120,
+                     caption=[str(p) for p in cache.metadata.rows(sample, ["path"])["path"]])
         with st.expander("Manifest"):
             st.code(manifest.to_json(), language="json")
 

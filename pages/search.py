@@ -11,6 +11,7 @@ from cache_builder.cache_format import CacheError
 from dashboard import analysis, charts, export, rendering, two_tier
 from dashboard.export import format_value
 from dashboard.geometry import QueryError
+from dashboard.proposals import suggest_regions
 from dashboard.metadata import FilterError
 from dashboard.search import SearchRequest
 from dashboard.search_session import FROM_DATASET, QUERY_SOURCES, SearchSession
@@ -59,6 +60,8 @@ if source == FROM_DATASET:
     query_id = int(st.session_state[SearchSession.QUERY_ID])
     query_image = cache.load_image(query_id)
     canvas_key = f"id:{query_id}"
+    query_features, query_cells = cache.image_features(query_id), cache.content_cells([query_id])
+    query_content = None if query_cells is None else tuple(int(v) for v in query_cells[0])
     row = store.rows([query_id]).iloc[0]
     st.caption(" · ".join(f"{c}: {format_value(row[c])}" for c in ["path", *caption_columns]))
 else:
@@ -67,6 +70,8 @@ else:
     encoded, = widgets.encoded_upload_ui([str(entry.path)], data, name)
     query_image, features, content = encoded.image, encoded.features, encoded.content
     canvas_key = f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
+    query_features, query_content = features, content
+query_name = query_id if query_id is not None else canvas_key  # what a preset region belongs to
 
 # ---- region
 tools = st.columns([2, 2, 2])
@@ -77,15 +82,25 @@ show_grid = tools[2].checkbox("Show feature grid", value=False, key="show-grid")
 wide = query_image.width >= 1.2 * query_image.height  # a whole wide frame gets the page's width
 canvas_column, hint_column = (st.container(), st.container()) if wide else st.columns([3, 2])
 with canvas_column:
-    drawn = widgets.region_ui(query_image, cache.grid, key=f"canvas-{entry.name}-{canvas_key}",
+    drawn = widgets.region_ui(query_image, cache.grid,
+                              key=f"canvas-{entry.name}-{canvas_key}-{session.canvas_round()}",
                               show_grid=show_grid, mode=mode, stroke_width=width)
-region = session.region(drawn, query_id, cache.grid)
+region = session.region(drawn, query_name, cache.grid)
+suggestions = suggest_regions(query_features, cache.image_size, query_content)
 with hint_column:
-    st.markdown("Draw over the part of the image to search for. Undo and clear appear in the canvas toolbar "
-                "after the first stroke.")
+    st.markdown("Draw over the part of the image to search for, or pick a suggested region. Undo and clear "
+                "appear in the canvas toolbar after the first stroke.")
+    if suggestions:
+        st.image(rendering.suggestion_overlay(query_image, [s.box for s in suggestions]), width=224,
+                 caption="Suggested regions: what stands out in this image's features")
+        buttons = st.columns(len(suggestions))
+        for number, (button, suggestion) in enumerate(zip(buttons, suggestions), start=1):
+            button.button(str(number), key=f"suggestion-{number}", help=f"Search with suggested region {number}",
+                          on_click=session.use_suggestion,
+                          args=(query_name, suggestion.weights(cache.image_size, cache.grid)))
     if region is not None and region.origin == "preset":
         st.image(rendering.grid_overlay(rendering.region_overlay(query_image, region.weights), cache.grid),
-                 caption="Region from the link or the clicked hit (draw to replace it)", width=224)
+                 caption="Region from the link, a clicked hit or a suggestion (draw to replace it)", width=224)
 
 weights = None if region is None else region.weights
 st.query_params.from_dict(to_params(SearchState(cache=entry.name, image_id=query_id, region=weights, k=int(k),

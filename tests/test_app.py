@@ -76,3 +76,23 @@ def test_the_shipped_config_watches_no_files():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["fileWatcherType"] == "none"
     assert config["server"]["maxUploadSize"] == 20
+
+
+def test_caches_page_says_where_each_shard_of_a_sharded_cache_is_served(small_cache, tmp_path, monkeypatch):
+    from cache_builder.sharding import split_cache
+
+    split_cache(small_cache.path, tmp_path / "split", shard_size=15)
+    at = app(tmp_path, monkeypatch).run()
+    assert not at.exception
+    assert any("one per shard (3)" in c.value for c in at.caption)
+    assert at.expander[0].label == "Shards (3) and where they are served"
+    placement = at.expander[0].text[0].value
+    assert "shard 2 " in placement and "ids 30..39" in placement and "this process" in placement
+
+
+def test_caches_page_lists_a_cache_without_display_images(small_cache, tmp_path, monkeypatch):
+    shutil.copytree(small_cache.path, tmp_path / "bare")
+    shutil.rmtree(tmp_path / "bare" / "images")  # e.g. a synthetic benchmark cache
+    at = app(tmp_path, monkeypatch).run()
+    assert not at.exception
+    assert "bare" in [h.value for h in at.subheader]

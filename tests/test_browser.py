@@ -64,6 +64,13 @@ def test_draw_a_stroke_search_and_download(app_url, tmp_path):
         with page.expect_download(timeout=30_000) as download_info:
             page.get_by_role("button", name="Download CSV").click()
         csv = Path(download_info.value.path()).read_bytes()
+
+        # a suggested region replaces the drawing: one click, and its region is what is searched
+        page.get_by_role("button", name="1", exact=True).click()
+        expect(page.get_by_text("Region from the link, a clicked hit or a suggestion")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("button", name="Search from here")).to_have_count(20, timeout=30_000)
+        assert "region=" in page.url
+        page.screenshot(path=str(ARTIFACTS / "suggested.png"), full_page=True)
     table = pd.read_csv(io.BytesIO(csv))
     assert len(table) == 20
     assert list(table.columns[:12]) == ["rank", "id", "path", "score", "row", "col", "height", "width",

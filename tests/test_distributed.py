@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -145,3 +146,25 @@ def test_the_search_cli_fans_out_with_ray_and_prints_the_same_hits(cluster, shar
         port = probe.getsockname()[1]
     assert search_main(args + ["--ray", f"127.0.0.1:{port}"]) == 2
     assert "no Ray cluster answers" in capsys.readouterr().err
+
+
+def test_the_app_serves_shards_from_ray_when_asked_and_says_where(cluster, sharded, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.settings import CACHES_DIR_ENV
+
+    root = tmp_path / "caches"
+    root.mkdir()
+    (root / "sharded").symlink_to(sharded.path)
+    monkeypatch.setenv(CACHES_DIR_ENV, str(root))
+    monkeypatch.setenv(distributed.RAY_ADDRESS_ENV, cluster.address)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300)
+    at.switch_page("pages/caches.py")
+    at.run()
+    assert not at.exception
+    placement = at.expander[0].text[0].value
+    assert placement.count("Ray actor on node") == 4
+    import streamlit as st
+
+    st.cache_resource.clear()  # stops the app's shard servers (the cache's on_release closes them)

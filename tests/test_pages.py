@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from dashboard.proposals import suggest_regions
 from dashboard.settings import CACHES_DIR_ENV
 from dashboard.query_encoder import EncodedImage
 from dashboard.share import encode_region
@@ -373,3 +374,16 @@ def test_charts_adapt_to_a_cache_without_a_domain_and_with_many_classes(photo_ca
     assert not any("Hits with the query's label" in spec for spec in specs)  # no one-bar "all" chart
     assert "share the query's label 'class-03'" in texts(at.caption)
     assert "(missing)" not in "".join(specs)
+
+
+def test_a_clicked_suggested_region_is_searched_and_goes_into_the_link(caches, small_cache):
+    at = page("pages/search.py").run()
+    assert not at.exception
+    expected = suggest_regions(small_cache.image_features(0), small_cache.image_size)
+    assert expected, "the tiny cache's image 0 has something that stands out"
+    at.button(key="suggestion-1").click().run()
+    assert not at.exception
+    assert "Highlight a region" not in texts(at.info)  # a region now: searched
+    assert "Searched 39 of 40 images" in texts(at.caption)
+    weights = expected[0].weights(small_cache.image_size, small_cache.grid)
+    assert at.query_params["region"] == encode_region(weights)
