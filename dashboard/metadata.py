@@ -28,6 +28,9 @@ class FilterError(ValueError):
     """A filter that names an unknown column or a value of the wrong type; the message says which."""
 
 
+NOTHING_LABELS = ("empty", "none", "background", "nothing", "")  # labels that say an image shows no object
+
+
 @dataclass(frozen=True)
 class MetadataFilter:
     """Conditions ANDed together. `equals`: column IN values; `ranges`: lo <= column <= hi (None = open);
@@ -132,6 +135,17 @@ class MetadataStore:
             clauses.append(f"list_has_any({ident}, ?::VARCHAR[])")
             params.append([str(v) for v in values])
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def first_labelled_id(self, column: str | None) -> int | None:
+        """The first image whose `column` names something (not null, not a "nothing here" label such as the
+        camera traps' "empty"): the Search page's first query. None without such a column or image."""
+        if column is None or column not in self.column_types or self.is_list(column):
+            return None
+        name, marks = quote_identifier(column), ", ".join("?" * len(NOTHING_LABELS))
+        row = self._query(f"SELECT id FROM {METADATA_TABLE} WHERE {name} IS NOT NULL AND "
+                          f"lower(CAST({name} AS VARCHAR)) NOT IN ({marks}) ORDER BY id LIMIT 1",
+                          NOTHING_LABELS).fetchone()
+        return None if row is None else int(row[0])
 
     def filter_ids(self, flt: MetadataFilter | None) -> np.ndarray:
         """Sorted ids of the rows that pass the filter (all ids for no filter)."""

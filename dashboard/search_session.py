@@ -37,6 +37,8 @@ class SearchSession:
     CACHE = "search-cache"  # the Search page's cache selectbox
     PRESET_REGION = "preset_region"  # (query image, grid weights) from a link, a clicked hit or a suggestion
     CANVAS_ROUND = "canvas_round"  # bumped to give the canvas a new key: a clicked suggestion clears a drawing
+    STARTED = "started"  # the session's first view has been set up
+    STARTER = "starter_image"  # the query image the first view chose, while its preselected region stands
     LINK = "link_state"
     LINK_PROBLEMS = "link_problems"
 
@@ -91,6 +93,26 @@ class SearchSession:
         self.state[self.QUERY_SOURCE] = FROM_DATASET
         self.state[self.QUERY_ID] = int(hit_id)
         self.state[self.PRESET_REGION] = (int(hit_id), geometry.window_region(grid, row, col, height, width))
+        self.state.pop(self.STARTER, None)
+
+    def needs_start(self) -> bool:
+        """True once, on a session's first view, unless a link or another page already chose the query."""
+        if self.STARTED in self.state:
+            return False
+        self.state[self.STARTED] = True
+        return self.QUERY_ID not in self.state
+
+    def start(self, image_id: int, weights: np.ndarray | None) -> None:
+        """The first view's query: this image, with `weights` (its best suggested region) preselected, so the
+        first page already shows hits."""
+        self.state[self.QUERY_ID] = int(image_id)
+        if weights is not None:
+            self.state[self.PRESET_REGION] = (int(image_id), np.asarray(weights, dtype=np.float32))
+            self.state[self.STARTER] = int(image_id)
+
+    def is_starter(self, region: Region | None, image: int | str | None) -> bool:
+        """Whether `region` is still the first view's preselected one (the page says so, and how to change it)."""
+        return region is not None and region.origin == "preset" and self.state.get(self.STARTER) == image
 
     def canvas_round(self) -> int:
         return int(self.state.get(self.CANVAS_ROUND, 0))
@@ -99,6 +121,7 @@ class SearchSession:
         """A clicked suggested region becomes the region searched, replacing any drawing (a fresh canvas)."""
         self.state[self.PRESET_REGION] = (image, np.asarray(weights, dtype=np.float32))
         self.state[self.CANVAS_ROUND] = self.canvas_round() + 1
+        self.state.pop(self.STARTER, None)
 
     def use_as_query(self, cache_name: str, image_id: int) -> None:
         """Another page hands an image to the Search page."""

@@ -52,6 +52,12 @@ with st.sidebar:
 source = st.radio("Query image", QUERY_SOURCES, horizontal=True, key=SearchSession.QUERY_SOURCE)
 query_id = features = content = row = None
 if source == FROM_DATASET:
+    if session.needs_start():  # first view, no query from a link: an image that shows something, already searched
+        start_id = store.first_labelled_id(cache.label_column) or 0
+        cells = cache.content_cells([start_id])
+        top = suggest_regions(cache.image_features(start_id), cache.image_size,
+                              None if cells is None else tuple(int(v) for v in cells[0]), count=1)
+        session.start(start_id, top[0].weights(cache.image_size, cache.grid) if top else None)
     session.query_id(cache.size)
     left, right = st.columns([3, 1])
     left.number_input(f"Image id (0-{cache.size - 1})", min_value=0, max_value=cache.size - 1,
@@ -98,6 +104,9 @@ with hint_column:
             button.button(str(number), key=f"suggestion-{number}", help=f"Search with suggested region {number}",
                           on_click=session.use_suggestion,
                           args=(query_name, suggestion.weights(cache.image_size, cache.grid)))
+    if session.is_starter(region, query_name):
+        st.info("To start with, the best suggested region of this image is searched: draw your own region, or "
+                "pick another suggestion or image.")
     if region is not None and region.origin == "preset":
         st.image(rendering.grid_overlay(rendering.region_overlay(query_image, region.weights), cache.grid),
                  caption="Region from the link, a clicked hit or a suggestion (draw to replace it)", width=224)

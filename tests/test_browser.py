@@ -49,6 +49,10 @@ def test_draw_a_stroke_search_and_download(app_url, tmp_path):
         page.goto(app_url)
         canvas = page.locator("canvas.upper-canvas").first
         expect(canvas).to_be_visible(timeout=60_000)
+        # the first view already answers: an image with an animal, its best suggested region searched
+        expect(page.get_by_text("To start with, the best suggested region")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("button", name="Search from here")).to_have_count(20, timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "first-screen.png"), full_page=True)
         box = canvas.bounding_box()
         x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
         page.mouse.move(x0, y0)
@@ -57,7 +61,8 @@ def test_draw_a_stroke_search_and_download(app_url, tmp_path):
             page.mouse.move(x0 + step * box["width"] * 0.04, y0 + step * 3)
         page.mouse.up()
 
-        expect(page.get_by_text("Top 20")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("To start with, the best suggested region")).to_have_count(0, timeout=60_000)
+        expect(page.get_by_text("Top 20")).to_be_visible(timeout=60_000)  # the drawn region's search
         expect(page.get_by_role("button", name="Search from here")).to_have_count(20, timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
 

@@ -76,3 +76,18 @@ def test_many_ids_are_read_in_one_pass_with_the_same_rows_as_the_join(small_cach
     pd.testing.assert_frame_equal(dense, joined)
     assert list(dense["id"]) == list(ids)
     assert list(store.rows([0, 40])["id"]) == [0]  # an id outside the table is left out, as by the join
+
+
+def test_the_first_labelled_image_skips_empty_frames(tmp_path):
+    from cache_builder.synthetic import write_array_cache
+    from dashboard.metadata import MetadataStore
+
+    labels = pd.DataFrame({"species": [None, "empty", "Empty", "", "zebra", "lion"], "tags": [["a"]] * 6})
+    write_array_cache(tmp_path, np.ones((6, 2, 2, 4), np.float32), metadata=labels)
+    store = MetadataStore(tmp_path / "metadata.duckdb")
+    try:
+        assert store.first_labelled_id("species") == 4
+        assert store.first_labelled_id(None) is None and store.first_labelled_id("nope") is None
+        assert store.first_labelled_id("tags") is None  # a list column names no single class
+    finally:
+        store.close()

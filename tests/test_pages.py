@@ -51,11 +51,22 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def test_search_page_asks_for_a_region_first(caches):
+def test_the_first_view_already_answers_with_a_suggested_region(caches, small_cache):
     at = page("pages/search.py").run()
     assert not at.exception
-    assert "Highlight a region" in texts(at.info)
+    assert "To start with, the best suggested region" in texts(at.info)
+    assert "Searched 39 of 40 images" in texts(at.caption)  # hits and charts on the first view
+    assert at.session_state["query_id"] == 0  # the first image whose label names something
     assert "after the first stroke" in texts(at.markdown)  # the toolbar is not there before one
+    at.button(key="suggestion-2").click().run()
+    assert "To start with" not in texts(at.info)  # the user's own choice now
+
+
+def test_a_link_to_an_image_without_a_region_asks_for_one(caches):
+    at = page("pages/search.py", image="5").run()
+    assert not at.exception
+    assert at.session_state["query_id"] == 5  # the link wins over the first view's default
+    assert "Highlight a region" in texts(at.info) and "To start with" not in texts(at.info)
 
 
 def test_the_cache_picker_shows_names_and_the_chosen_caches_details_below(caches, small_cache):
