@@ -209,5 +209,8 @@ def _hit_table(cache: FeatureCache, found: scoring.WindowScores, order: np.ndarr
         "row": row, "col": col, "height": h, "width": w, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
     })
     metadata = metadata.drop(columns=["id"])
+    # a metadata column named like a window column (real manifests often have the photo's width and height)
+    # keeps its values under "metadata.<name>": two columns of one name break the table, the CSV and the charts
+    metadata = metadata.rename(columns={c: f"metadata.{c}" for c in metadata.columns if c in windows.columns})
     table = pd.concat([windows.reset_index(drop=True), metadata.reset_index(drop=True)], axis=1)
     return table[HIT_COLUMNS + [c for c in metadata.columns if c not in HIT_COLUMNS]]

@@ -96,3 +96,11 @@ def test_caches_page_lists_a_cache_without_display_images(small_cache, tmp_path,
     at = app(tmp_path, monkeypatch).run()
     assert not at.exception
     assert "bare" in [h.value for h in at.subheader]
+
+
+def test_single_sign_on_can_run_in_the_pinned_environment():
+    """An `[auth]` section makes the gate show Streamlit's *Log in*, which needs Authlib (>= 1.3.2) installed:
+    requirements.txt pins it, or every login of a hosted deployment would fail."""
+    from streamlit.auth_util import is_authlib_installed
+
+    assert is_authlib_installed()

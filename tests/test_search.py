@@ -139,3 +139,20 @@ def test_rank_breaks_ties_by_id_and_keeps_one_per_group():
     assert list(ids[rank(scores, ids, 3)]) == [2, 3, 4]
     groups = np.array([0, 1, 1, 2, 1])
     assert list(ids[rank(scores, ids, 5, groups)]) == [2, 10, 7]
+
+
+def test_metadata_columns_named_like_window_columns_keep_their_values(tmp_path):
+    """Real manifests often hold each photo's width and height: they must not clash with the window's."""
+    from cache_builder.synthetic import write_array_cache
+    from dashboard.feature_cache import FeatureCache
+
+    rng = np.random.default_rng(2)
+    photos = pd.DataFrame({"width": [640 + i for i in range(12)], "height": [480] * 12, "x0": ["a"] * 12})
+    write_array_cache(tmp_path, np.maximum(rng.normal(size=(12, 3, 3, 8)), 0), metadata=photos)
+    cache = FeatureCache.open(tmp_path)
+    weights = np.zeros((3, 3), np.float32)
+    weights[0, 0] = 1
+    hits = search_regions(SearchRequest(cache=cache, weights=weights, image_id=0, k=5)).hits
+    assert hits.columns.is_unique
+    assert list(hits.columns[:12]) == search.HIT_COLUMNS and (hits["height"] == 1).all()  # the window, in cells
+    assert list(hits["metadata.width"]) == [640 + i for i in hits["id"]] and (hits["metadata.x0"] == "a").all()
