@@ -31,3 +31,11 @@ def find_caches(root: Path) -> list[CacheEntry]:
         except fmt.CacheError as exc:
             entries.append(CacheEntry(folder.name, folder, None, str(exc)))
     return entries
+
+
+def companion(entries: list[CacheEntry], chosen: CacheEntry) -> str | None:
+    """The name of a usable cache to compare `chosen` with: another one of the same images (same count, another
+    model or layer), else any other usable one; None when `chosen` is the only one."""
+    others = [e for e in entries if e.problem is None and e.name != chosen.name]
+    same_images = [e for e in others if chosen.manifest and e.manifest.image_count == chosen.manifest.image_count]
+    return (same_images or others)[0].name if others else None

@@ -9,7 +9,7 @@ import streamlit as st
 
 from cache_builder.cache_format import CacheError
 
-from dashboard import analysis, geometry, rendering
+from dashboard import analysis, catalog, geometry, rendering
 from dashboard.geometry import QueryError
 from dashboard.search import SearchRequest
 from dashboard.share import SearchState, link_once, to_params
@@ -23,8 +23,9 @@ link, new_link = link_once(st.session_state, "compare-link", st.query_params)
 for problem in link.problems if new_link else []:
     st.warning(problem)
 entry_a, cache_a = widgets.open_cache_ui(link.params.get("a"), key="compare-a", label="Cache A")
-entry_b, cache_b = widgets.open_cache_ui(link.params.get("b"), key="compare-b", label="Cache B",
-                                         report_skipped=False)
+# B defaults to another cache of the same images: the same cache on both sides compares nothing
+default_b = link.params.get("b") or catalog.companion(catalog.find_caches(resources.caches_root()), entry_a)
+entry_b, cache_b = widgets.open_cache_ui(default_b, key="compare-b", label="Cache B", report_skipped=False)
 with st.sidebar:
     k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=link.number("k", 1, 200) or 10,
                         key="compare-k")

@@ -314,7 +314,7 @@ def test_label_column_of_every_source_kind(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\ncat/a.jpg,cat\n")
     assert parse_source(f"folder:{tmp_path}").describe()["label_column"] == "label"
     assert parse_source("demo", SourceOptions(demo_size=2)).describe()["label_column"] == "species"
-    assert "label_column" not in parse_source(f"csv:{tmp_path / 'm.csv'}").describe()  # the user's columns
+    assert parse_source(f"csv:{tmp_path / 'm.csv'}").describe()["label_column"] == "label"  # by its name
 
 
 def test_cli_prints_one_note_per_reason_and_selects_splits(messy_iwildcam, tmp_path):

@@ -198,3 +198,13 @@ def test_a_domain_tag_overrides_the_manifests_domain_and_says_so(tmp_path):
     assert source.domain == "out"
     assert source.remarks == ["@out overrides the manifest's own domain column for all 3 rows"]
     assert source.describe()["remarks"] == source.remarks
+
+
+@pytest.mark.parametrize("columns, expected", [("path,label,wnid", "label"), ("path,species,site", "species"),
+                                               ("path,category,class", "class"), ("path,site", None)])
+def test_a_manifests_class_column_becomes_the_caches_label_column(tmp_path, columns, expected):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text(f"{columns}\na.png," + ",".join(["x"] * (columns.count(","))) + "\n")
+    source = parse_source(f"csv:{tmp_path / 'm.csv'}")
+    assert source.label_column == expected
+    assert source.describe().get("label_column") == expected

@@ -4,7 +4,9 @@ Paths are relative to the manifest's folder and may not leave it (`--allow-outsi
 column fills the cache's `domain` (in/out, or any value such as a hospital's name; an `@DOMAIN` tag overrides
 it, with a note) and a `source` column fills the cache's `source`. A user's `id` column is kept as
 `id_original`, since `id` is the row of the feature arrays. `--multilabel COL` splits COL on `--sep` into a
-list. pandas infers the column types; text columns that all parse as ISO dates become dates.
+list. pandas infers the column types; text columns that all parse as ISO dates become dates. The first of the
+columns `label`, `class`, `species`, `category` is the cache's label column (the page's label agreement, the
+captions, the first view's "an image that shows something").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cache_builder.sources.base import Source, SourceItem, SourceOptions, read_t
 
 
 OWN_COLUMNS = ("domain", "source")  # the manifest's values become the cache's columns of these names
+LABEL_COLUMNS = ("label", "class", "species", "category")  # names a manifest's class column goes by
 
 
 def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceItem]:
@@ -44,6 +47,7 @@ def list_items(arg: str, options: SourceOptions, source: Source) -> list[SourceI
         if column not in frame.columns:
             raise BuildError(f"--multilabel {column}: {manifest.name} has no such column")
         frame[column] = frame[column].map(lambda v: _split_labels(v, options.sep))
+    source.label_column = next((column for column in LABEL_COLUMNS if column in frame.columns), None)
     root = manifest.resolve().parent
     items = []
     for row_number, record in enumerate(frame.to_dict("records"), start=2):
