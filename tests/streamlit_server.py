@@ -36,10 +36,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(caches: Path, log_path: Path, *extra_args: str):
+def running_app(caches: Path, log_path: Path, *extra_args: str, port: int | None = None,
+                env: dict[str, str] | None = None):
     """Yields the app's URL once its health endpoint answers; prints the server log when the test fails."""
-    port = free_port()
-    env = {**os.environ, "VFS_CACHES_DIR": str(caches)}
+    port = port or free_port()
+    env = {**os.environ, "VFS_CACHES_DIR": str(caches), **(env or {})}
     with log_path.open("w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",

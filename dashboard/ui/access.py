@@ -4,8 +4,11 @@ directly, bypassing app.py)."""
 from __future__ import annotations
 
 import hmac
+import json
 
 import streamlit as st
+
+from dashboard import sso
 
 AUTHENTICATED = "authenticated"
 PASSWORD_INPUT = "password-input"
@@ -45,5 +48,15 @@ def access_gate_ui() -> None:
         st.stop()
     if secret("auth") is not None and not st.user.is_logged_in:
         st.title("Visual Feature Search")
+        problem = _sso_problem(json.dumps(dict(secret("auth")), sort_keys=True, default=str))
+        if problem:
+            st.error(f"Single sign-on cannot work: {problem}.")
+            st.stop()
         st.button("Log in", on_click=st.login)
         st.stop()
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def _sso_problem(auth_json: str) -> str | None:
+    """`sso.client_problem`, asked of the provider at most once a minute per configuration."""
+    return sso.client_problem(json.loads(auth_json))
