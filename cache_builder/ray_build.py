@@ -26,6 +26,7 @@ import shutil
 import socket
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -279,7 +280,7 @@ class _Extract:
         norms = np.zeros((len(batch["index"]), h, w), np.float32)
         if len(good):
             inputs = torch.stack([self.prep.normalize(batch["pixels"][k]) for k in good]).to(self.device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else _no_autocast()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
             if self.cuda:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast:
@@ -290,12 +291,6 @@ class _Extract:
             bits[good], norms[good] = fmt.encode_features(maps)
         return {"index": batch["index"], "shard": batch["shard"], "bits": bits, "norms": norms,
                 "content": batch["content"], "jpeg": batch["jpeg"], "error": batch["error"]}
-
-
-def _no_autocast():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _write_parts(batch: dict[str, np.ndarray], out: str) -> dict[str, np.ndarray]:

@@ -131,6 +131,11 @@ class FeatureCache:
             boxes[shard_of == number] = shard.frames[ids[shard_of == number] - shard.start]
         return fmt.content_cells(boxes, self.grid, self.image_size)
 
+    def content_box(self, image_id: int) -> tuple[int, int, int, int] | None:
+        """The (r0, c0, r1, c1) cells of one image that show its picture; None when every cell does."""
+        cells = self.content_cells([self.check_id(image_id)])
+        return None if cells is None else tuple(int(v) for v in cells[0])
+
     def first_stage(self) -> fmt.FirstStageIndex:
         """The two-tier search's first-stage index (of the first shard; every shard's index is checked, and
         IndexUnusable names the first shard without a usable one). Empty shards (every image of their range

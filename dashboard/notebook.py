@@ -88,8 +88,7 @@ def _query(cache: FeatureCache, image_id: int | None, image) -> tuple[np.ndarray
     if (image_id is None) == (image is None):
         raise QueryError("give a query image: image_id (a cached image) or image (a file or PIL image), not both")
     if image_id is not None:
-        cells = cache.content_cells([cache.check_id(image_id)])
-        return cache.image_features(image_id), None if cells is None else tuple(int(v) for v in cells[0])
+        return cache.image_features(cache.check_id(image_id)), cache.content_box(image_id)
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
             image = opened.convert("RGB")

@@ -69,8 +69,7 @@ class SearchRequest:
         """(r0, c0, r1, c1) cells of the query image that show the picture (None: all of them)."""
         if self.features is not None:
             return self.content
-        cells = self.cache.content_cells([self.image_id])
-        return None if cells is None else tuple(int(v) for v in cells[0])
+        return self.cache.content_box(self.image_id)
 
     def region_query(self) -> RegionQuery:
         """The region on the query's picture: cells of padding (letterbox bars) are no part of it."""

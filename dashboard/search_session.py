@@ -17,7 +17,9 @@ from typing import Any, Mapping, MutableMapping
 import numpy as np
 
 from dashboard import geometry
+from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import MetadataStore
+from dashboard.proposals import suggest_regions
 from dashboard.share import SearchState, link_once
 
 FROM_DATASET = "From the dataset"
@@ -102,7 +104,14 @@ class SearchSession:
         self.state[self.STARTED] = True
         return self.QUERY_ID not in self.state
 
-    def start(self, image_id: int, weights: np.ndarray | None) -> None:
+    def start(self, cache: FeatureCache) -> None:
+        """The first view's query: the first image whose label names something (not an empty frame), its best
+        suggested region preselected, so the first page already shows hits."""
+        image_id = cache.metadata.first_labelled_id(cache.label_column) or 0
+        top = suggest_regions(cache.image_features(image_id), cache.image_size, cache.content_box(image_id), count=1)
+        self.preselect(image_id, top[0].weights(cache.image_size, cache.grid) if top else None)
+
+    def preselect(self, image_id: int, weights: np.ndarray | None) -> None:
         """The first view's query: this image, with `weights` (its best suggested region) preselected, so the
         first page already shows hits."""
         self.state[self.QUERY_ID] = int(image_id)

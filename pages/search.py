@@ -11,7 +11,6 @@ from cache_builder.cache_format import CacheError
 from dashboard import analysis, charts, export, rendering, two_tier
 from dashboard.export import format_value
 from dashboard.geometry import QueryError
-from dashboard.proposals import suggest_regions
 from dashboard.metadata import FilterError
 from dashboard.search import SearchRequest
 from dashboard.search_session import FROM_DATASET, QUERY_SOURCES, SearchSession
@@ -53,11 +52,7 @@ source = st.radio("Query image", QUERY_SOURCES, horizontal=True, key=SearchSessi
 query_id = features = content = row = None
 if source == FROM_DATASET:
     if session.needs_start():  # first view, no query from a link: an image that shows something, already searched
-        start_id = store.first_labelled_id(cache.label_column) or 0
-        cells = cache.content_cells([start_id])
-        top = suggest_regions(cache.image_features(start_id), cache.image_size,
-                              None if cells is None else tuple(int(v) for v in cells[0]), count=1)
-        session.start(start_id, top[0].weights(cache.image_size, cache.grid) if top else None)
+        session.start(cache)
     session.query_id(cache.size)
     left, right = st.columns([3, 1])
     left.number_input(f"Image id (0-{cache.size - 1})", min_value=0, max_value=cache.size - 1,
@@ -66,8 +61,7 @@ if source == FROM_DATASET:
     query_id = int(st.session_state[SearchSession.QUERY_ID])
     query_image = cache.load_image(query_id)
     canvas_key = f"id:{query_id}"
-    query_features, query_cells = cache.image_features(query_id), cache.content_cells([query_id])
-    query_content = None if query_cells is None else tuple(int(v) for v in query_cells[0])
+    query_features, query_content = cache.image_features(query_id), cache.content_box(query_id)
     row = store.rows([query_id]).iloc[0]
     st.caption(" · ".join(f"{c}: {format_value(row[c])}" for c in ["path", *caption_columns]))
 else:
@@ -92,7 +86,7 @@ with canvas_column:
                               key=f"canvas-{entry.name}-{canvas_key}-{session.canvas_round()}",
                               show_grid=show_grid, mode=mode, stroke_width=width)
 region = session.region(drawn, query_name, cache.grid)
-suggestions = suggest_regions(query_features, cache.image_size, query_content)
+suggestions = resources.suggested_regions(query_features, cache.image_size, query_content)
 with hint_column:
     st.markdown("Draw over the part of the image to search for, or pick a suggested region. Undo and clear "
                 "appear in the canvas toolbar after the first stroke.")
