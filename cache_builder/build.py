@@ -1,4 +1,4 @@
-"""Extraction: reader (DataLoader workers decode and crop) -> mapper (the model up to one layer) -> writer.
+"""Extraction: reader (DataLoader workers decode and crop) -> mapper (the model up to its last cached layer) -> writer.
 
 Resumable by construction: rows are written at their item's index into preallocated ``*.partial`` arrays and a
 small state file records how many batches are done, so a build killed at any point continues on rerun. Batch
@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ ProgressCallback = Callable[[int, int], None]
 @dataclass
 class BuildOptions:
     model: str
-    layer: str | None = None
+    layers: Sequence[str] = ()  # one or more layers of the model, stored in one cache; () = the model's default
     weights: str | None = None
     image_size: int | None = None
     batch_size: int = 32
@@ -67,8 +67,8 @@ class BuildPlan:
     items: list[tuple[int, SourceItem]]  # (source index, item) in cache order
     sources: list[Source]
     model: LoadedModel
-    layer: str
-    grid: tuple[int, int, int]
+    layers: tuple[str, ...]  # the first is stored where a single-layer cache stores its features
+    grids: tuple[tuple[int, int, int], ...]  # (H, W, C) of each layer
     batch_size: int
     weights_arg: str | None = None
     framing: Framing = Framing("crop", 1.0, "")
@@ -80,7 +80,7 @@ class BuildPlan:
             fmt.FORMAT_VERSION,
             self.model.name,
             self.model.weights_sha256 or self.model.weights_source,
-            self.layer,
+            self.layer if len(self.layers) == 1 else self.layers,  # a single layer as before: old caches resume
             json.dumps(self.model.preprocessing.to_dict(), sort_keys=True),
             self.batch_size,
         ):
@@ -88,6 +88,25 @@ class BuildPlan:
         for source_index, item in self.items:
             digest.update(repr((source_index, item.path, self.sources[source_index].demo_seed)).encode())
         self.fingerprint = digest.hexdigest()
+
+    @property
+    def layer(self) -> str:
+        return self.layers[0]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.grids[0]
+
+    def layer_folders(self, out: Path) -> list[Path]:
+        """Where each layer's arrays go in `out` (the first in `out` itself)."""
+        return [out / fmt.layer_dir_name(number) for number in range(len(self.layers))]
+
+    def manifest_layers(self) -> list[dict[str, Any]]:
+        """The manifest's `layers`: [] for one layer, so a single-layer cache is written exactly as before."""
+        if len(self.layers) == 1:
+            return []
+        return [{"name": layer, "grid": list(grid), "dir": fmt.layer_dir_name(number)}
+                for number, (layer, grid) in enumerate(zip(self.layers, self.grids))]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -183,7 +202,7 @@ def remove_cache_files(out: Path) -> None:
     for name in (fmt.MANIFEST_FILE, STATE_FILE, fmt.FEATURES_FILE, fmt.SQNORMS_FILE, fmt.FRAMES_FILE,
                  fmt.METADATA_FILE, fmt.METADATA_FILE + ".wal", PARTIAL_FEATURES, PARTIAL_SQNORMS, PARTIAL_FRAMES):
         (out / name).unlink(missing_ok=True)
-    for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES, fmt.SHARDS_DIR):
+    for name in (fmt.IMAGES_DIR, PARTIAL_IMAGES, fmt.SHARDS_DIR, fmt.LAYERS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     remove_index(out)
 
@@ -204,10 +223,10 @@ def plan_build(sources: list[Source], options: BuildOptions) -> BuildPlan:
     model = load_model(options.model, weights=options.weights, image_size=options.image_size)
     if framing.mode == "fit":
         model = replace(model, preprocessing=model.preprocessing.fitted(framing.aspect))
-    layer = options.layer or model.default_layer
-    extractor = FeatureExtractor(model, layer)
-    c, h, w = extractor.output_shape
-    return BuildPlan(items=items, sources=sources, model=model, layer=layer, grid=(h, w, c),
+    layers = tuple(options.layers) or (model.default_layer,)
+    extractor = FeatureExtractor(model, layers)
+    grids = tuple((h, w, c) for c, h, w in extractor.output_shapes)
+    return BuildPlan(items=items, sources=sources, model=model, layers=layers, grids=grids,
                      batch_size=options.batch_size, weights_arg=options.weights, framing=framing)
 
 
@@ -230,7 +249,6 @@ def build_cache(
             if options.index:
                 ensure_index(out, on_progress=on_index_progress)
             return manifest
-    h, w, c = plan.grid
     n = len(plan.items)
     if state is None:
         remove_cache_files(out)
@@ -238,8 +256,10 @@ def build_cache(
         _save_state(out, state)  # first: whatever fails next, a rerun recognises the folder and resumes
     fmt.write_manifest(out, _manifest_for(plan, state, fmt.STATUS_BUILDING))
     if state["done"] == 0:  # nothing extracted yet: (re)create the partial arrays
-        fmt.allocate_array(out / PARTIAL_FEATURES, np.uint16, (n, h, w, c))
-        fmt.allocate_array(out / PARTIAL_SQNORMS, np.float32, (n, h, w))
+        for folder, (h, w, c) in zip(plan.layer_folders(out), plan.grids):
+            folder.mkdir(parents=True, exist_ok=True)
+            fmt.allocate_array(folder / PARTIAL_FEATURES, np.uint16, (n, h, w, c))
+            fmt.allocate_array(folder / PARTIAL_SQNORMS, np.float32, (n, h, w))
         if plan.framing.mode == "fit":
             fmt.allocate_array(out / PARTIAL_FRAMES, np.int32, (n, 4))
         (out / PARTIAL_IMAGES).mkdir(exist_ok=True)
@@ -268,7 +288,7 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
     and its output is copied to pinned host memory without blocking, so the copy overlaps the next batch too."""
     device = resolve_device(options.device)
     cuda = device.type == "cuda"
-    extractor = FeatureExtractor(plan.model, plan.layer).to(device).eval()
+    extractor = FeatureExtractor(plan.model, plan.layers).to(device).eval()
     if cuda:
         extractor = extractor.to(memory_format=torch.channels_last)
     workers = default_workers() if options.workers is None else options.workers
@@ -284,18 +304,18 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=cuda,
     )
-    arrays = _PartialArrays(out, plan.framing.mode == "fit")
+    arrays = _PartialArrays(out, plan)
     timings = state["timings"]
     for key in ("read_s", "model_s", "write_s"):  # created here: the writer thread saves this dict meanwhile
         timings.setdefault(key, 0.0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else nullcontext()
 
-    def write(batch: dict[str, Any], output: torch.Tensor | None, ready) -> None:
+    def write(batch: dict[str, Any], outputs: list[torch.Tensor] | None, ready) -> None:
         t_write = time.perf_counter()
-        if output is not None:
+        if outputs is not None:
             if ready is not None:
-                ready.synchronize()  # the device-to-host copy has landed
-            arrays.write(batch, output.float().permute(0, 2, 3, 1).numpy(), plan)
+                ready.synchronize()  # the device-to-host copies have landed
+            arrays.write(batch, [output.float().permute(0, 2, 3, 1).numpy() for output in outputs])
         for index, error in batch["failed"]:
             state["skipped"].append({"path": plan.items[index][1].path, "reason": error})
         state["done"] = min(len(plan.items), state["done"] + plan.batch_size)
@@ -316,64 +336,70 @@ def _extract(plan: BuildPlan, out: Path, state: dict[str, Any], options: BuildOp
         for batch in loader:
             t_model = time.perf_counter()
             timings["read_s"] += t_model - t_wait
-            output = ready = None
+            outputs = ready = None
             if batch["indices"]:
                 inputs = batch["tensor"].to(device, non_blocking=True,
                                             memory_format=torch.channels_last if cuda else torch.preserve_format)
                 with torch.inference_mode(), autocast:
-                    output = extractor(inputs)
-                output, ready = _to_host(output)
+                    outputs = extractor.forward_layers(inputs)
+                outputs, ready = _to_host(outputs)
             timings["model_s"] += time.perf_counter() - t_model
-            writer.submit(functools.partial(write, batch, output, ready))
+            writer.submit(functools.partial(write, batch, outputs, ready))
             report()
             t_wait = time.perf_counter()
     arrays.close()
     report()
 
 
-def _to_host(output: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """(host tensor, event to wait on before reading it): a CUDA output is copied into pinned memory without
+def _to_host(outputs: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], Any]:
+    """(host tensors, event to wait on before reading them): CUDA outputs are copied into pinned memory without
     blocking the main thread."""
-    if output.device.type == "cuda":
-        host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
-        host.copy_(output, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host, ready
-    return output.cpu(), None
+    if outputs[0].device.type != "cuda":
+        return [output.cpu() for output in outputs], None
+    hosts = []
+    for output in outputs:
+        hosts.append(torch.empty(output.shape, dtype=output.dtype, pin_memory=True))
+        hosts[-1].copy_(output, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return hosts, ready
 
 
 class _PartialArrays:
-    """The build's partial arrays and images folder, written batch by batch (from the writer thread)."""
+    """The build's partial arrays (one pair per layer) and images folder, written batch by batch (from the writer
+    thread)."""
 
-    def __init__(self, out: Path, whole_frames: bool) -> None:
-        self.out = out
-        self.features = np.load(out / PARTIAL_FEATURES, mmap_mode="r+")
-        self.sqnorms = np.load(out / PARTIAL_SQNORMS, mmap_mode="r+")
+    def __init__(self, out: Path, plan: BuildPlan) -> None:
+        self.out, self.plan = out, plan
+        self.layers = [(np.load(folder / PARTIAL_FEATURES, mmap_mode="r+"),
+                        np.load(folder / PARTIAL_SQNORMS, mmap_mode="r+")) for folder in plan.layer_folders(out)]
+        whole_frames = plan.framing.mode == "fit"
         self.frames = np.load(out / PARTIAL_FRAMES, mmap_mode="r+") if whole_frames else None
 
-    def write(self, batch: dict[str, Any], maps: np.ndarray, plan: BuildPlan) -> None:
+    def write(self, batch: dict[str, Any], maps: list[np.ndarray]) -> None:
         indices = batch["indices"]
-        if self.frames is not None:  # padding is no picture: its cells hold zeros and are never matched
-            cells = fmt.content_cells(np.asarray(batch["content"]), plan.grid[:2],
-                                      plan.model.preprocessing.input_shape)
-            maps *= fmt.content_mask(cells, plan.grid[:2])[..., None]
-        bits, norms = fmt.encode_features(maps)
         lo, hi = indices[0], indices[-1] + 1
-        if hi - lo == len(indices):  # contiguous rows: one slice write
-            self.features[lo:hi], self.sqnorms[lo:hi] = bits, norms
-        else:
-            self.features[indices], self.sqnorms[indices] = bits, norms
+        for (features, sqnorms), layer_maps, grid in zip(self.layers, maps, self.plan.grids):
+            if self.frames is not None:  # padding is no picture: its cells hold zeros and are never matched
+                cells = fmt.content_cells(np.asarray(batch["content"]), grid[:2],
+                                          self.plan.model.preprocessing.input_shape)
+                layer_maps *= fmt.content_mask(cells, grid[:2])[..., None]
+            bits, norms = fmt.encode_features(layer_maps)
+            if hi - lo == len(indices):  # contiguous rows: one slice write
+                features[lo:hi], sqnorms[lo:hi] = bits, norms
+            else:
+                features[indices], sqnorms[indices] = bits, norms
         if self.frames is not None:
             self.frames[indices] = np.asarray(batch["content"], dtype=np.int32)
             self.frames.flush()
         for index, jpeg in zip(indices, batch["jpegs"]):
             (self.out / PARTIAL_IMAGES / f"{index:07d}{fmt.IMAGE_SUFFIX}").write_bytes(jpeg)
-        self.features.flush()
-        self.sqnorms.flush()
+        for features, sqnorms in self.layers:
+            features.flush()
+            sqnorms.flush()
 
     def close(self) -> None:
-        del self.features, self.sqnorms, self.frames
+        del self.layers, self.frames
 
 
 def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
@@ -383,15 +409,17 @@ def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
     keep = [i for i, (_, item) in enumerate(plan.items) if item.path not in skipped_paths]
     if not keep:
         raise BuildError("every image failed to load; nothing to cache (see the reasons listed above)")
-    for partial, final in ((PARTIAL_FEATURES, fmt.FEATURES_FILE), (PARTIAL_SQNORMS, fmt.SQNORMS_FILE),
-                           (PARTIAL_FRAMES, fmt.FRAMES_FILE)):
-        if not (out / partial).exists():
+    arrays = [(out, PARTIAL_FRAMES, fmt.FRAMES_FILE)] + [
+        (folder, partial, final) for folder in plan.layer_folders(out)
+        for partial, final in ((PARTIAL_FEATURES, fmt.FEATURES_FILE), (PARTIAL_SQNORMS, fmt.SQNORMS_FILE))]
+    for folder, partial, final in arrays:
+        if not (folder / partial).exists():
             continue  # already finalised by an earlier, interrupted run
         if len(keep) == len(plan.items):
-            os.replace(out / partial, out / final)
+            os.replace(folder / partial, folder / final)
             continue
-        source = np.load(out / partial, mmap_mode="r")
-        tmp = out / f".{final}.tmp"
+        source = np.load(folder / partial, mmap_mode="r")
+        tmp = folder / f".{final}.tmp"
         fmt.allocate_array(tmp, source.dtype, (len(keep),) + source.shape[1:])
         target = np.load(tmp, mmap_mode="r+")
         step = 4096
@@ -399,8 +427,8 @@ def _finalize(plan: BuildPlan, out: Path, state: dict[str, Any]) -> None:
             target[start:start + step] = source[keep[start:start + step]]
         target.flush()
         del target, source
-        os.replace(tmp, out / final)
-        (out / partial).unlink()
+        os.replace(tmp, folder / final)
+        (folder / partial).unlink()
     partial_images = out / PARTIAL_IMAGES
     if partial_images.exists():
         for new_id, index in enumerate(keep):
@@ -427,6 +455,7 @@ def _manifest_for(plan: BuildPlan, state: dict[str, Any], status: str) -> fmt.Ma
         framing=plan.framing.reason,
         input_shape=plan.model.preprocessing.input_shape if plan.framing.mode == "fit" else None,
         grid=plan.grid,
+        layers=plan.manifest_layers(),
         image_count=len(plan.items) - len(skipped),
         sources=[s.describe() for s in plan.sources],
         skipped=skipped,

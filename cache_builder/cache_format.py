@@ -21,6 +21,14 @@ metadata.duckdb at the top, and its arrays, images and index in shard folders li
 A manifest without ``shards`` is one shard whose folder is the cache itself (every cache written before shards
 existed, and every single-process build), so the format version did not change.
 
+A multi-layer cache (``build --layer A --layer B``) lists every layer in the manifest's ``layers``
+(``[{"name": "blocks.6", "grid": [7, 7, 320], "dir": ""}, {"name": "blocks.2", "grid": [28, 28, 40],
+"dir": "layers/01"}]``). The first is the manifest's own ``layer`` and ``grid``, stored where a single-layer cache
+stores them, so a reader that knows nothing of layers reads it; every other layer keeps its features.npy,
+sqnorms.npy and index/ in its ``dir`` inside each shard folder. Images, frames and metadata are shared::
+
+    layers/01/         features.npy, sqnorms.npy, index/ of the second layer (in each shard folder, if sharded)
+
 Why bfloat16: on the target CPUs a bfloat16 GEMM runs 3-7x faster than float32 and float16 runs 10-30x slower
 (see ``benchmarks/search.py``); bfloat16 also halves the bytes scanned per query.
 
@@ -39,7 +47,7 @@ import json
 import mmap
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +139,26 @@ class Manifest:
     input_shape: tuple[int, int] | None = None  # (height, width) of the model input; None = (input_size, input_size)
     framing: str = ""  # why this frame mode was chosen, for the user
     shards: list[dict[str, Any]] = field(default_factory=list)  # [{"dir", "count"}]; [] = one shard, the cache
+    layers: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "grid", "dir"}]; [] = just `layer`
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Every layer the cache holds, the one stored first (the manifest's own `layer`) first."""
+        return [entry["name"] for entry in self.layers] or [self.layer]
+
+    @property
+    def layer_dir(self) -> str:
+        """Where this manifest's `layer` keeps its arrays inside each shard folder ("" = the folder itself)."""
+        return next((entry["dir"] for entry in self.layers if entry["name"] == self.layer), "")
+
+    def at_layer(self, name: str | None) -> "Manifest":
+        """This manifest as seen by a reader of layer `name` (its grid and arrays); None = the first layer."""
+        if name is None or name == self.layer:
+            return self
+        for entry in self.layers:
+            if entry["name"] == name:
+                return replace(self, layer=name, grid=tuple(int(v) for v in entry["grid"]))
+        raise CacheError(f"this cache holds no layer {name!r}; it holds {', '.join(self.layer_names)}")
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -224,6 +252,38 @@ def check_manifest(manifest: Manifest, cache_dir: Path) -> None:
         raise CacheError(f"{cache_dir} stores {manifest.dtype} features; only {FEATURE_DTYPE} is supported")
     if manifest.frame not in FRAME_MODES:
         raise CacheError(f"{cache_dir} has an unknown frame mode {manifest.frame!r}; rebuild it")
+    check_layers(manifest, cache_dir)
+
+
+LAYERS_DIR = "layers"
+
+
+def layer_dir_name(number: int) -> str:
+    """The folder of a cache's layer `number` (0 is stored in the shard folder itself): numbered, so no layer
+    name, however odd, becomes a path."""
+    return "" if number == 0 else f"{LAYERS_DIR}/{number:02d}"
+
+
+def check_layers(manifest: Manifest, cache_dir: Path) -> None:
+    """A manifest's layer list must start with its own layer and name each folder as `layer_dir_name` does (a
+    hostile `../../etc` is refused), with distinct names and a 3-number grid each."""
+    if not manifest.layers:
+        return
+    names = []
+    for number, entry in enumerate(manifest.layers):
+        try:
+            name, grid, folder = str(entry["name"]), [int(v) for v in entry["grid"]], entry["dir"]
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{cache_dir}: the manifest's layer {number} is malformed ({entry!r}); rebuild the "
+                             "cache") from None
+        if folder != layer_dir_name(number) or len(grid) != 3 or min(grid) <= 0 or name in names:
+            raise CacheError(f"{cache_dir}: the manifest's layer {number} is {entry!r}, expected a new name, a "
+                             f"grid of 3 positive numbers and dir {layer_dir_name(number)!r}; rebuild the cache")
+        names.append(name)
+    first = manifest.layers[0]
+    if first["name"] != manifest.layer or tuple(int(v) for v in first["grid"]) != tuple(manifest.grid):
+        raise CacheError(f"{cache_dir}: the manifest's first layer {first!r} is not its layer {manifest.layer!r} "
+                         f"{tuple(manifest.grid)}; rebuild the cache")
 
 
 SHARDS_DIR = "shards"
@@ -231,16 +291,22 @@ SHARDS_DIR = "shards"
 
 @dataclass(frozen=True)
 class ShardLocation:
-    """Where one shard's arrays live and which ids they hold: ids start .. start + count - 1, row i = start + i."""
+    """Where one shard's arrays live and which ids they hold: ids start .. start + count - 1, row i = start + i.
+    `folder` holds the shard's images and frames, `arrays` the features, norms and index of the layer read."""
 
     number: int
     folder: Path
     start: int
     count: int
+    layer_dir: str = ""
 
     @property
     def stop(self) -> int:
         return self.start + self.count
+
+    @property
+    def arrays(self) -> Path:
+        return self.folder / self.layer_dir if self.layer_dir else self.folder
 
 
 def shard_dir_name(number: int) -> str:
@@ -248,17 +314,21 @@ def shard_dir_name(number: int) -> str:
 
 
 def cache_root(folder: Path) -> Path:
-    """The cache a shard folder belongs to (a single-shard cache is its own)."""
+    """The cache a shard folder or a layer's arrays folder belongs to (a single-shard cache is its own)."""
     folder = Path(folder)
+    if folder.parent.name == LAYERS_DIR:
+        folder = folder.parent.parent
     return folder.parent.parent if folder.parent.name == SHARDS_DIR else folder
 
 
 def shard_locations(cache_dir: Path, manifest: Manifest) -> list[ShardLocation]:
-    """The cache's shards in id order (a single one, the cache folder itself, when the manifest lists none);
-    CacheError for a list that does not tile the ids or names a folder outside the cache."""
+    """The cache's shards in id order (a single one, the cache folder itself, when the manifest lists none), with
+    the arrays of the manifest's layer; CacheError for a list that does not tile the ids or names a folder outside
+    the cache."""
     cache_dir = Path(cache_dir)
+    layer_dir = manifest.layer_dir
     if not manifest.shards:
-        return [ShardLocation(0, cache_dir, 0, manifest.image_count)]
+        return [ShardLocation(0, cache_dir, 0, manifest.image_count, layer_dir)]
     locations, start = [], 0
     for number, entry in enumerate(manifest.shards):
         try:
@@ -269,7 +339,7 @@ def shard_locations(cache_dir: Path, manifest: Manifest) -> list[ShardLocation]:
         if name != shard_dir_name(number) or count < 0:
             raise CacheError(f"{cache_dir}: the manifest's shard {number} is {entry!r}, expected "
                              f"{{'dir': '{shard_dir_name(number)}', 'count': >= 0}}; rebuild the cache")
-        locations.append(ShardLocation(number, cache_dir / name, start, count))
+        locations.append(ShardLocation(number, cache_dir / name, start, count, layer_dir))
         start += count
     if start != manifest.image_count:
         raise CacheError(f"{cache_dir}: the shards hold {start:,} images but the manifest says "

@@ -40,9 +40,9 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = commands.add_parser(
-        "build", help="extract one layer's features for every image into a cache folder",
-        description="Extract one layer's feature maps for every image of the sources into --out. "
-        "Rerunning the same command resumes an interrupted build.",
+        "build", help="extract one or more layers' features for every image into a cache folder",
+        description="Extract one or more layers' feature maps for every image of the sources into --out, in one "
+        "forward pass. Rerunning the same command resumes an interrupted build.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
     )
     build.add_argument("--source", action="append", required=True, metavar="SOURCE",
@@ -51,8 +51,10 @@ def make_parser() -> argparse.ArgumentParser:
                        "(repeatable; see the list below)")
     build.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"model name (torchvision or timm) or TorchScript file (default: {DEFAULT_MODEL})")
-    build.add_argument("--layer", help="module name whose output is cached (default: the model's default layer; "
-                       "see the `layers` command)")
+    build.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
+                       help="module name whose output is cached (default: the model's default layer; see the "
+                       "`layers` command); repeat it to cache several layers of the model in one cache, e.g. an "
+                       "early one and the last, for the dashboard's layer sweep"),
     build.add_argument("--out", required=True, type=Path, help="cache folder to create (or resume)")
     build.add_argument("--weights", help="weights file (state dict), or 'none' for random weights; default: the "
                        "model's pretrained weights from local files only")
@@ -144,7 +146,7 @@ def run_build(args: argparse.Namespace) -> int:
             print(f"note: {source.spec}: {count} {reason} ({fate})", file=sys.stderr)
         for remark in source.remarks:
             print(f"note: {source.spec}: {remark}", file=sys.stderr)
-    options = BuildOptions(model=args.model, layer=args.layer, weights=args.weights, image_size=args.image_size,
+    options = BuildOptions(model=args.model, layers=tuple(args.layers or ()), weights=args.weights, image_size=args.image_size,
                            batch_size=args.batch_size, device=args.device, workers=args.workers,
                            overwrite=args.overwrite, limit=args.limit, frame=args.frame, index=not args.no_index)
     progress = None if args.quiet else _TqdmProgress()
@@ -167,7 +169,8 @@ def run_build(args: argparse.Namespace) -> int:
                 bar.close()
     height, width = manifest.image_size
     shards = f", {len(manifest.shards)} shards" if manifest.shards else ""
-    print(f"cache complete: {args.out} ({manifest.image_count} images{shards}, grid {manifest.grid}, "
+    grids = ", ".join(f"{layer.layer} grid {layer.grid}" for layer in map(manifest.at_layer, manifest.layer_names))
+    print(f"cache complete: {args.out} ({manifest.image_count} images{shards}, {grids}, "
           f"{len(manifest.skipped)} skipped; {manifest.frame} {width}x{height}: {manifest.framing})")
     for skipped in manifest.skipped[:20]:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
@@ -250,16 +253,19 @@ def run_info(args: argparse.Namespace) -> int:
     manifest = fmt.read_manifest(args.cache)
     fmt.check_manifest(manifest, args.cache)
     locations = fmt.shard_locations(args.cache, manifest)
-    for location in locations:  # the same checks the dashboard makes before it opens a cache
-        fmt.open_arrays(location.folder, manifest, location.count)
+    layers = [manifest.at_layer(name) for name in manifest.layer_names]
+    for layer in layers:  # the same checks the dashboard makes before it opens a cache
+        for location in fmt.shard_locations(args.cache, layer):
+            fmt.open_arrays(location.arrays, layer, location.count)
     if args.json:
         print(manifest.to_json())
         return 0
-    h, w, c = manifest.grid
     print(f"cache       {args.cache}")
     print(f"status      {manifest.status} (format v{manifest.format_version}, built {manifest.created})")
     print(f"model       {manifest.model} ({manifest.weights_source})")
-    print(f"layer       {manifest.layer}: grid {h}x{w}, {c} channels, {manifest.dtype}")
+    for layer in layers:
+        h, w, c = layer.grid
+        print(f"layer       {layer.layer}: grid {h}x{w}, {c} channels, {manifest.dtype}")
     height, width = manifest.image_size
     print(f"frame       {manifest.frame}, {width}x{height} pixels ({manifest.framing or 'square centre crop'})")
     print(f"images      {manifest.image_count} cached, {len(manifest.skipped)} skipped")
@@ -268,12 +274,16 @@ def run_info(args: argparse.Namespace) -> int:
               + (" ..." if len(locations) > 8 else ""))
     for source in manifest.sources:
         print(f"source      {source.get('spec')} (domain {source.get('domain') or '-'}): {source.get('images')} images")
-    try:
-        indexes = [fmt.open_index(location.folder, manifest, location.count) for location in locations]
-        print(f"index       {indexes[0].dims} dimensions per cell in 4 bits ({indexes[0].energy:.0%} of the energy), "
-              f"{sum(index.nbytes for index in indexes) / 2**20:,.1f} MiB: `--mode approx` searches")
-    except fmt.IndexUnusable as exc:
-        print(f"index       none usable ({exc.problem}): searches are exact")
+    for layer in layers:
+        named = f" ({layer.layer})" if len(layers) > 1 else ""
+        try:
+            indexes = [fmt.open_index(location.arrays, layer, location.count)
+                       for location in fmt.shard_locations(args.cache, layer) if location.count]
+            print(f"index       {indexes[0].dims} dimensions per cell in 4 bits ({indexes[0].energy:.0%} of the "
+                  f"energy), {sum(index.nbytes for index in indexes) / 2**20:,.1f} MiB{named}: `--mode approx` "
+                  "searches")
+        except fmt.IndexUnusable as exc:
+            print(f"index       none usable{named} ({exc.problem}): searches are exact")
     for column, counts in column_summaries(args.cache / fmt.METADATA_FILE).items():
         print(f"column      {column}: {counts}")
     return 0

@@ -47,27 +47,30 @@ def default_dims(channels: int) -> int:
 
 def build_index(cache_dir: Path, dims: int | None = None, on_progress: ProgressCallback | None = None,
                 chunk_bytes: int = CHUNK_BYTES) -> list[fmt.FirstStageIndex]:
-    """Build (or finish, or replace) the first-stage index of every shard of a complete cache (one index per
-    shard, fitted to its own features, so a shard is searched wherever it is served); returns them opened.
-    `on_progress` counts images over the whole cache."""
+    """Build (or finish, or replace) the first-stage index of every shard and layer of a complete cache (one
+    index per shard and layer, fitted to its own features, so a shard is searched wherever it is served); returns
+    them opened. `on_progress` counts images over the whole cache, layer after layer."""
     cache_dir = Path(cache_dir)
     manifest = fmt.read_manifest(cache_dir)
     fmt.check_manifest(manifest, cache_dir)
-    return [build_shard_index(location, manifest, dims, _offset_progress(on_progress, location, manifest),
-                              chunk_bytes) for location in indexed_locations(cache_dir, manifest)]
+    return [build_shard_index(location, layer, dims, _offset_progress(on_progress, location, layer, manifest),
+                              chunk_bytes) for layer, location in indexed_locations(cache_dir, manifest)]
 
 
-def indexed_locations(cache_dir: Path, manifest: fmt.Manifest) -> list[fmt.ShardLocation]:
-    """The shards with images: an empty one (its every image skipped by the build) has nothing to index."""
-    return [location for location in fmt.shard_locations(cache_dir, manifest) if location.count]
+def indexed_locations(cache_dir: Path, manifest: fmt.Manifest) -> list[tuple[fmt.Manifest, fmt.ShardLocation]]:
+    """(the manifest seen at a layer, a shard with images) for every layer of the cache: an empty shard (its
+    every image skipped by the build) has nothing to index."""
+    return [(layer, location) for layer in (manifest.at_layer(name) for name in manifest.layer_names)
+            for location in fmt.shard_locations(cache_dir, layer) if location.count]
 
 
 def build_shard_index(location: fmt.ShardLocation, manifest: fmt.Manifest, dims: int | None = None,
                       on_progress: ProgressCallback | None = None,
                       chunk_bytes: int = CHUNK_BYTES) -> fmt.FirstStageIndex:
-    """One shard's index (the whole cache's, for a single-shard cache), in the shard's folder."""
+    """One shard's index of the manifest's layer (the whole cache's, for a single-shard, single-layer cache),
+    beside that layer's arrays."""
     started = time.perf_counter()
-    folder, n = location.folder, location.count
+    folder, n = location.arrays, location.count
     features, _ = fmt.open_arrays(folder, manifest, n)
     _, h, w, c = features.shape
     dims = default_dims(c) if dims is None else int(dims)
@@ -112,28 +115,30 @@ def build_shard_index(location: fmt.ShardLocation, manifest: fmt.Manifest, dims:
 
 
 def ensure_index(cache_dir: Path, dims: int | None = None, on_progress: ProgressCallback | None = None) -> bool:
-    """Build the index of every shard that lacks a usable one (new caches, and a rerun after an interrupted
-    index build). Returns whether it built any."""
+    """Build the index of every shard and layer that lacks a usable one (new caches, and a rerun after an
+    interrupted index build). Returns whether it built any."""
     cache_dir = Path(cache_dir)
     manifest = fmt.read_manifest(cache_dir)
     built = False
-    for location in indexed_locations(cache_dir, manifest):
+    for layer, location in indexed_locations(cache_dir, manifest):
         try:
-            current = fmt.open_index(location.folder, manifest, location.count)
+            current = fmt.open_index(location.arrays, layer, location.count)
             if dims is None or current.dims == dims:
                 continue
         except fmt.IndexUnusable:
             pass
-        build_shard_index(location, manifest, dims, _offset_progress(on_progress, location, manifest))
+        build_shard_index(location, layer, dims, _offset_progress(on_progress, location, layer, manifest))
         built = True
     return built
 
 
-def _offset_progress(on_progress: ProgressCallback | None, location: fmt.ShardLocation,
+def _offset_progress(on_progress: ProgressCallback | None, location: fmt.ShardLocation, layer: fmt.Manifest,
                      manifest: fmt.Manifest) -> ProgressCallback | None:
     if on_progress is None:
         return None
-    return lambda done, _: on_progress(location.start + done, manifest.image_count)
+    names = manifest.layer_names
+    before = names.index(layer.layer) * manifest.image_count + location.start
+    return lambda done, _: on_progress(before + done, manifest.image_count * len(names))
 
 
 def sample_cells(features: np.ndarray, cells: int = FIT_CELLS, seed: int = 0) -> np.ndarray:

@@ -27,6 +27,7 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -637,32 +638,37 @@ class _StopForward(Exception):
 
 
 class FeatureExtractor(torch.nn.Module):
-    """Runs the model only as far as `layer` and returns that layer's output (N, C, H, W).
+    """Runs the model only as far as the last of its layers is called and returns that layer's output (N, C, H, W),
+    or, built with several layers, a tuple of their outputs in the order given: one forward pass for them all.
 
     Loaded models have channels_last weights, so the output is usually channels_last-strided: ``.permute(0, 2, 3, 1)``
     gives a contiguous (N, H, W, C) array at no cost.
     """
 
-    def __init__(self, model: LoadedModel, layer: str):
+    def __init__(self, model: LoadedModel, layers: str | Sequence[str]):
         super().__init__()
         self.model = model.module
-        self.layer = layer
+        self.single = isinstance(layers, str)
+        self.layers: tuple[str, ...] = (layers,) if self.single else tuple(layers)
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise BuildError(f"give one or more distinct layers, got {', '.join(self.layers) or 'none'}")
         if _is_scripted(model.module):
-            if layer != TORCHSCRIPT_LAYER:
+            if self.layers != (TORCHSCRIPT_LAYER,):
                 raise BuildError(
                     f"TorchScript models only offer layer {TORCHSCRIPT_LAYER!r} (their whole output); "
                     "to use an inner layer, export a model that stops there"
                 )
         else:
             names = [n for n, _ in model.module.named_modules() if n]
-            if layer not in names:
-                close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
-                hint = f"did you mean {', '.join(close)}?" if close else "list the layers to see the valid names"
-                raise BuildError(f"model {model.name} has no layer {layer!r}: {hint}")
+            for layer in self.layers:
+                if layer not in names:
+                    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+                    hint = f"did you mean {', '.join(close)}?" if close else "list the layers to see the valid names"
+                    raise BuildError(f"model {model.name} has no layer {layer!r}: {hint}")
         prep = model.preprocessing
         try:
             with torch.inference_mode():
-                out = self(_dummy_input(model.module, prep.input_shape))
+                outputs = self.forward_layers(_dummy_input(model.module, prep.input_shape))
         except BuildError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a ViT's fixed position embedding refuses another shape
@@ -671,28 +677,41 @@ class FeatureExtractor(torch.nn.Module):
             height, width = prep.input_shape
             raise BuildError(f"model {model.name} cannot take a {width}x{height} input for whole frames "
                              f"({type(exc).__name__}: {str(exc)[:120]}); use --frame crop") from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
-            raise BuildError(
-                f"layer {layer!r} outputs {_shape(out) or 'a non-tensor'}, not a (C, H, W) feature map: "
-                f"pick a spatial layer such as {model.default_layer!r}"
-            )
-        self.output_shape: tuple[int, int, int] = tuple(out.shape[1:])
+        for layer, out in zip(self.layers, outputs):
+            if not isinstance(out, torch.Tensor) or out.dim() != 4:
+                raise BuildError(
+                    f"layer {layer!r} outputs {_shape(out) or 'a non-tensor'}, not a (C, H, W) feature map: "
+                    f"pick a spatial layer such as {model.default_layer!r}"
+                )
+        self.output_shapes: tuple[tuple[int, int, int], ...] = tuple(tuple(out.shape[1:]) for out in outputs)
+        self.output_shape = self.output_shapes[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.forward_layers(x)
+        return outputs[0] if self.single else outputs
+
+    def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every layer's output, whether built with one layer or several."""
         if _is_scripted(self.model):
-            return self.model(x)
-        captured = []
+            return (self.model(x),)
+        captured: dict[str, Any] = {}
 
-        def hook(_module, _inputs, output):
-            captured.append(output)
-            raise _StopForward
+        def hook_for(layer: str):
+            def hook(_module, _inputs, output):
+                captured.setdefault(layer, output)  # a module called twice is described by its first call
+                if len(captured) == len(self.layers):
+                    raise _StopForward
+            return hook
 
         # Registered per call so the model behaves normally whenever it is used outside this extractor.
-        handle = self.model.get_submodule(self.layer).register_forward_hook(hook)
+        handles = [self.model.get_submodule(layer).register_forward_hook(hook_for(layer)) for layer in self.layers]
         try:
             self.model(x)
         except _StopForward:
-            return captured[0]
+            return tuple(captured[layer] for layer in self.layers)
         finally:
-            handle.remove()
-        raise BuildError(f"layer {self.layer!r} is never called in the model's forward pass: pick another layer")
+            for handle in handles:
+                handle.remove()
+        missing = [layer for layer in self.layers if layer not in captured]
+        raise BuildError(f"layer {', '.join(map(repr, missing))} is never called in the model's forward pass: "
+                         "pick another layer")

@@ -57,6 +57,9 @@ def build_cache_on_ray(sources: list[Source], out: Path, options: BuildOptions, 
     out = Path(out)
     if shard_size <= 0:
         raise BuildError("--shard-size must be a positive number of images")
+    if len(options.layers) > 1:
+        raise BuildError("--ray builds one layer per cache for now: build each --layer as its own cache, or build "
+                         "the layers together without --ray")
     connect(address)  # first: an unreachable cluster is one clear error before any work
     plan = plan_build(sources, options)
     fingerprint = _fingerprint(plan, shard_size)
@@ -389,12 +392,11 @@ def _index_shards(out: Path, options: BuildOptions) -> None:
     ray = ray_module()
     from cache_builder.index import build_shard_index, indexed_locations
 
-    manifest = fmt.read_manifest(out)
     todo = []
-    for location in indexed_locations(out, manifest):
+    for layer, location in indexed_locations(out, fmt.read_manifest(out)):
         try:
-            fmt.open_index(location.folder, manifest, location.count)
+            fmt.open_index(location.arrays, layer, location.count)
         except fmt.IndexUnusable:
-            todo.append(location)
-    build = ray.remote(num_cpus=1, max_retries=2)(lambda location: build_shard_index(location, manifest).dims)
-    ray.get([build.remote(location) for location in todo])
+            todo.append((layer, location))
+    build = ray.remote(num_cpus=1, max_retries=2)(lambda location, layer: build_shard_index(location, layer).dims)
+    ray.get([build.remote(location, layer) for layer, location in todo])

@@ -76,6 +76,9 @@ def split_cache(source: Path, out: Path, shard_size: int = DEFAULT_SHARD_SIZE, i
         raise CacheError("--shard-size must be a positive number of images")
     manifest = fmt.read_manifest(source)
     fmt.check_manifest(manifest, source)
+    if len(manifest.layer_names) > 1:
+        raise CacheError(f"{source} holds {len(manifest.layer_names)} layers; splitting a multi-layer cache into "
+                         "shards is not supported yet: build each layer as its own cache to shard it")
     if out.resolve() == source.resolve():
         raise CacheError("the sharded copy needs its own folder (--out), not the cache it is split from")
     if (out / fmt.MANIFEST_FILE).is_file():

@@ -31,11 +31,13 @@ def write_array_cache(
     chunk: int = 2048,
     label_column: str | None = None,
     shard_size: int | None = None,
+    more_layers: dict[str, np.ndarray] | None = None,
 ) -> fmt.Manifest:
     """Write a complete cache. `features` is (N, H, W, C) float, or `fn(start, stop)` returning such rows.
 
     `label_column` names the metadata column that holds an image's class, as a real source declares it.
     `shard_size` writes it as shards of that many images (`cache_builder.sharding`) instead of one.
+    `more_layers` (name -> (N, H', W', C') float) makes a multi-layer cache, `layer` holding `features`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,10 +51,18 @@ def write_array_cache(
     first = np.asarray(rows_of(0, min(n, 1)))
     _, h, w, c = first.shape
     ranges = [(0, n)] if shard_size is None else [(lo, min(n, lo + shard_size)) for lo in range(0, n, shard_size)]
+    extra = list((more_layers or {}).items())
+    layers = [{"name": layer, "grid": [h, w, c], "dir": ""}] + [
+        {"name": name, "grid": list(np.shape(array)[1:]), "dir": fmt.layer_dir_name(k)}
+        for k, (name, array) in enumerate(extra, start=1)] if extra else []
     for number, (lo, hi) in enumerate(ranges):
         folder = out if shard_size is None else out / fmt.shard_dir_name(number)
         folder.mkdir(parents=True, exist_ok=True)
         _write_arrays(folder, rows_of, lo, hi, (h, w, c), chunk)
+        for entry, (_, array) in zip(layers[1:], extra):
+            (folder / entry["dir"]).mkdir(parents=True, exist_ok=True)
+            _write_arrays(folder / entry["dir"], lambda start, stop, a=array: a[start:stop], lo, hi,
+                          tuple(entry["grid"]), chunk)
         for image_id in range(lo, hi if images is not None else lo):
             target = folder / fmt.image_relpath(image_id - lo)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +77,7 @@ def write_array_cache(
         preprocessing={"input_size": input_size}, input_size=input_size, grid=(h, w, c), image_count=n,
         sources=[{"spec": "synthetic", "kind": "synthetic", "domain": None, "images": n,
                   **({"label_column": label_column} if label_column else {})}],
-        builder_version=__version__, status=fmt.STATUS_COMPLETE,
+        builder_version=__version__, status=fmt.STATUS_COMPLETE, layers=layers,
         shards=[] if shard_size is None else [{"dir": fmt.shard_dir_name(k), "count": hi - lo}
                                               for k, (lo, hi) in enumerate(ranges)],
     )

@@ -32,14 +32,15 @@ def _shorten_categories(figure: Figure, values) -> Figure:
 
 
 def paired_bars(frame: pd.DataFrame, pair: tuple[str, str], names: tuple[str, str], value_label: str,
-                column: str, title: str) -> Figure:
+                column: str, title: str, height: int | None = None) -> Figure:
     """Two measures side by side per value, e.g. the share among hits next to the share in the searched set;
     `names` are the two measures as the legend says them."""
     long = frame.melt(id_vars="value", value_vars=list(pair), var_name="set", value_name="measure")
     long["set"] = long["set"].map(dict(zip(pair, names)))
     long["value"] = long["value"].astype(str)
     figure = px.bar(long, x="value", y="measure", color="set", barmode="group", title=title,
-                    color_discrete_sequence=PALETTE, labels={"value": column, "measure": value_label, "set": ""})
+                    color_discrete_sequence=PALETTE, labels={"value": column, "measure": value_label, "set": ""},
+                    height=height)
     return _shorten_categories(figure, long["value"].unique())
 
 

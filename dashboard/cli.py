@@ -31,6 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
         "Box and mask are in the display pixels of the cached image (the model's input size).",
     )
     search.add_argument("cache", type=Path, metavar="CACHE_DIR", help="cache folder")
+    search.add_argument("--layer", help="the layer to search, in a cache of several (default: its first)")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--image-id", type=int, help="query with a cached image (no model run)")
     query.add_argument("--image", type=Path, help="query with an image file (encoded with the cache's model)")
@@ -81,7 +82,7 @@ def read_mask(path: Path) -> np.ndarray:
 def run_search(args: argparse.Namespace) -> int:
     address = args.ray or distributed.ray_address()
     distributed.check_address(address)  # before any work: an unreachable cluster is one clear error
-    cache = FeatureCache.open(args.cache)
+    cache = FeatureCache.open(args.cache, args.layer)
     if address:
         cache = distributed.serve(cache, address)
     features = content = None

@@ -40,13 +40,14 @@ def ray_address() -> str | None:
 class ShardServer:
     """One shard, memory-mapped in a Ray worker; its methods run one at a time (a Ray actor's calls queue)."""
 
-    def __init__(self, cache_path: str, number: int, faults: str | None = None) -> None:
+    def __init__(self, cache_path: str, number: int, layer: str | None = None, faults: str | None = None) -> None:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # the kernel's threads: Ray gives a 0-CPU actor one
         path = Path(cache_path)
         manifest = fmt.read_manifest(path)
         fmt.check_manifest(manifest, path)
+        manifest = manifest.at_layer(layer)
         locations = fmt.shard_locations(path, manifest)
         self.shard = CacheShard.open(locations[number], manifest)
         self.faults = Path(faults) if faults else None
@@ -67,12 +68,14 @@ class ShardServer:
 
 
 class RayShards(ShardSearch):
-    """The cache's shards, each served by a Ray actor; `connect` first."""
+    """The cache's shards (of one layer), each served by a Ray actor; `connect` first."""
 
-    def __init__(self, cache_path: Path, locations: list[fmt.ShardLocation], faults: str | None = None) -> None:
+    def __init__(self, cache_path: Path, locations: list[fmt.ShardLocation], faults: str | None = None,
+                 layer: str | None = None) -> None:
         super().__init__(locations)
         self.cache_path = str(cache_path)
         self.faults = faults
+        self.layer = layer
         ray = _ray()
         self._remote = ray.remote(ShardServer)
         self.actors = {location.number: self._start(location.number) for location in locations}
@@ -81,7 +84,7 @@ class RayShards(ShardSearch):
 
     def _start(self, number: int):
         return self._remote.options(num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD").remote(
-            self.cache_path, number, self.faults)
+            self.cache_path, number, self.layer, self.faults)
 
     def _answer(self, number: int, pending, again):
         """The answer to the call `pending` of shard `number`'s actor. If the actor died (or could not start), it
@@ -150,4 +153,5 @@ def _actor_failure(error: Exception, location: fmt.ShardLocation) -> str:
 def serve(cache, address: str | None = LOCAL, faults: str | None = None):
     """`cache` with its shards served by Ray actors on the cluster at `address` (see `connect`)."""
     connect(address)
-    return cache.served_by(RayShards(cache.path, [shard.location for shard in cache.shards], faults))
+    return cache.served_by(RayShards(cache.path, [shard.location for shard in cache.shards], faults,
+                                     cache.manifest.layer))

@@ -36,10 +36,12 @@ class FeatureCache:
             self.search = LocalShards(self.shards)
 
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureCache":
+    def open(cls, path: str | Path, layer: str | None = None) -> "FeatureCache":
+        """The cache at `path`, searched at `layer` (None: the first of its layers); CacheError says why not."""
         path = Path(path)
         manifest = fmt.read_manifest(path)
         fmt.check_manifest(manifest, path)
+        manifest = manifest.at_layer(layer)
         n = manifest.image_count
         shards = [CacheShard.open(location, manifest) for location in fmt.shard_locations(path, manifest)]
         metadata = MetadataStore(path / fmt.METADATA_FILE)
@@ -54,6 +56,16 @@ class FeatureCache:
     def served_by(self, search: ShardSearch) -> "FeatureCache":
         """The same cache with its shards scored by `search` (e.g. Ray actors); metadata and files stay here."""
         return replace(self, search=search)
+
+    @property
+    def layer(self) -> str:
+        """The layer this cache object searches."""
+        return self.manifest.layer
+
+    @property
+    def layers(self) -> list[str]:
+        """Every layer the cache holds (one, unless built with several `--layer`)."""
+        return self.manifest.layer_names
 
     @property
     def size(self) -> int:

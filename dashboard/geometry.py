@@ -81,6 +81,15 @@ def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
+def resample_region(weights: np.ndarray, image_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """Grid weights of one layer -> the same pixels' weights on another layer's `grid` (a layer sweep, or Compare's
+    second cache): each weight is spread over the pixels its cell covers and averaged over the new cells."""
+    weights = np.asarray(weights, dtype=np.float32)
+    if weights.shape == tuple(grid):
+        return weights
+    return mask_to_grid(per_pixel(weights, image_size), grid)
+
+
 def display_mask_to_grid(mask: np.ndarray, display_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
     """A mask drawn on the displayed image (or given on the grid) -> grid weights; any other size is refused."""
     shape = tuple(np.asarray(mask).shape[:2])

@@ -33,9 +33,10 @@ __all__ = ["open_cache", "search", "show", "suggest"]
 Region = tuple[float, float, float, float] | np.ndarray | SuggestedRegion
 
 
-def open_cache(path: str | Path) -> FeatureCache:
-    """A cache folder, checked (a CacheError says what is wrong with it)."""
-    return FeatureCache.open(path)
+def open_cache(path: str | Path, layer: str | None = None) -> FeatureCache:
+    """A cache folder, checked (a CacheError says what is wrong with it), searched at `layer` (None: the first
+    of its layers; `cache.layers` lists them)."""
+    return FeatureCache.open(path, layer)
 
 
 def suggest(cache: FeatureCache, image_id: int | None = None, image: Image.Image | str | Path | None = None,

@@ -89,7 +89,8 @@ class SearchRequest:
         """Equal for requests that must give equal answers: the memo key of the pages."""
         digest = hashlib.sha256()
         manifest = self.cache.manifest
-        for part in (str(self.cache.path), manifest.created, manifest.fingerprint, self.image_id, self.content, self.k,
+        for part in (str(self.cache.path), manifest.created, manifest.fingerprint, manifest.layer, self.image_id,
+                     self.content, self.k,
                      repr(self.flt), self.per_group, self.exclude_query, self.mode, self.backend, self.rerank):
             digest.update(repr(part).encode() + b"\0")
         for array in (self.weights, self.features):

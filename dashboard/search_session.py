@@ -37,6 +37,8 @@ class SearchSession:
     QUERY_ID = "query_id"
     QUERY_SOURCE = "query-source"
     CACHE = "search-cache"  # the Search page's cache selectbox
+    LAYER = "search-layer"  # its layer selectbox (a cache of several layers)
+    VIEW = "search-view"  # share.VIEWS: one layer's top hits, or the Layers view
     PRESET_REGION = "preset_region"  # (query image, grid weights) from a link, a clicked hit or a suggestion
     CANVAS_ROUND = "canvas_round"  # bumped to give the canvas a new key: a clicked suggestion clears a drawing
     STARTED = "started"  # the session's first view has been set up
@@ -56,16 +58,23 @@ class SearchSession:
                 self.state[self.QUERY_ID] = link.state.image_id
             if link.state.region is not None:
                 self.state[self.PRESET_REGION] = (link.state.image_id, link.state.region)
+            self.state[self.VIEW] = link.state.view
         return link.state
 
-    def take_link_problems(self, store: MetadataStore | None = None) -> list[str]:
-        """What the link had that could not be used, reported once; with the opened cache's `store`, also the
-        link's filter values it no longer holds (they would vanish from the filter widgets without a word)."""
+    def take_link_problems(self, store: MetadataStore | None = None, layers: list[str] | None = None) -> list[str]:
+        """What the link had that could not be used, reported once; with the opened cache's `store` and `layers`,
+        also the link's filter values and layer it no longer holds (they would vanish from the widgets without a
+        word)."""
         if self.LINK_PROBLEMS not in self.state:
             return []
         problems = self.state.pop(self.LINK_PROBLEMS)
-        flt = self.state[self.LINK].state.flt
-        return problems + (store.absent_filter_values(flt) if store is not None else [])
+        state = self.state[self.LINK].state
+        if store is not None:
+            problems = problems + store.absent_filter_values(state.flt)
+        if layers is not None and state.layer is not None and state.layer not in layers:
+            problems = problems + [f"the link's layer {state.layer!r} is not in this cache (it holds "
+                                   f"{', '.join(layers)}); showing {layers[0]}"]
+        return problems
 
     def query_id(self, size: int) -> int:
         """The cached query image's id, reset to 0 when it is not in the current cache."""
@@ -75,14 +84,27 @@ class SearchSession:
         self.state[self.QUERY_ID] = int(current)
         return int(current)
 
-    def region(self, drawn: np.ndarray | None, image: int | str | None, grid: tuple[int, int]) -> Region | None:
-        """The region to search: the drawn one, else a preset for this query image and grid."""
+    def region(self, drawn: np.ndarray | None, image: int | str | None, grid: tuple[int, int],
+               image_size: tuple[int, int]) -> Region | None:
+        """The region to search: the drawn one, else a preset for this query image (made on another layer's grid,
+        it is resampled to `grid`: the same pixels)."""
         if drawn is not None:
             return Region(drawn, "drawn")
         preset = self.state.get(self.PRESET_REGION)
-        if preset is not None and preset[0] == image and np.shape(preset[1]) == tuple(grid):
-            return Region(np.asarray(preset[1], dtype=np.float32), "preset")
+        if preset is not None and preset[0] == image:
+            return Region(geometry.resample_region(preset[1], image_size, grid), "preset")
         return None
+
+    def clear_region(self) -> None:
+        """The Clear button: a fresh canvas and no preset region, so nothing is searched until a new one."""
+        self.state.pop(self.PRESET_REGION, None)
+        self.state.pop(self.STARTER, None)
+        self.state[self.CANVAS_ROUND] = self.canvas_round() + 1
+
+    def open_layer(self, layer: str) -> None:
+        """A clicked row of the Layers view: that layer's top hits, with the same region."""
+        self.state[self.LAYER] = layer
+        self.state[self.VIEW] = "hits"
 
     # -- callbacks: they run before the next rerun, so they may set widget values
 

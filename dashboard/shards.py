@@ -42,7 +42,7 @@ class CacheShard:
     def open(cls, location: fmt.ShardLocation, manifest: Manifest) -> "CacheShard":
         """Refused (CacheError naming the shard) when an array is missing or does not match the manifest."""
         try:
-            features, sqnorms = fmt.open_arrays(location.folder, manifest, location.count)
+            features, sqnorms = fmt.open_arrays(location.arrays, manifest, location.count)
             frames = fmt.open_frames(location.folder, manifest, location.count)
         except fmt.CacheError as exc:
             raise fmt.CacheError(f"{describe(location)}: {exc}") from None
@@ -70,7 +70,7 @@ class CacheShard:
         """The shard's first-stage index, opened and checked once per version of its `index.json` (an index added
         or rebuilt while the app runs is found; an unusable one is not re-hashed at every rerun); IndexUnusable
         says why there is none."""
-        folder = self.location.folder
+        folder = self.location.arrays
         stamp = _modified(folder / fmt.INDEX_DIR / fmt.INDEX_FILE)
         if self._index is None or self._index_stamp != stamp:
             try:
@@ -87,7 +87,7 @@ class CacheShard:
         `fmt.open_scattered`. Kept: a row reranked before is found mapped (a fresh mapping per rerank measured
         0.3-0.4 s slower at 20,000 rows, from re-mapping every page)."""
         if self._scattered is None:
-            self._scattered = fmt.open_scattered(self.location.folder / fmt.FEATURES_FILE, self.features_bits)
+            self._scattered = fmt.open_scattered(self.location.arrays / fmt.FEATURES_FILE, self.features_bits)
         return self._scattered
 
     # ------------------------------------------------------------------------------------- the four calls

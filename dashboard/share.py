@@ -30,6 +30,11 @@ class SearchState:
     per_group: str | None = None
     exclude_query: bool = True
     mode: str = "auto"  # dashboard.two_tier.MODES
+    layer: str | None = None  # of a multi-layer cache; None = its first
+    view: str = "hits"  # VIEWS: the top hits of one layer, or the Layers view (every layer's)
+
+
+VIEWS = ("hits", "layers")
 
 
 def encode_region(weights: np.ndarray) -> str:
@@ -68,6 +73,10 @@ def to_params(state: SearchState) -> dict[str, str]:
         params["self"] = "1"
     if state.mode != "auto":
         params["mode"] = state.mode
+    if state.layer:
+        params["layer"] = state.layer
+    if state.view != "hits":
+        params["view"] = state.view
     return params
 
 
@@ -84,6 +93,8 @@ def from_params(params: Mapping[str, Any]) -> tuple[SearchState, list[str]]:
         "per": lambda v: ("per_group", str(v)),
         "self": lambda v: ("exclude_query", str(v) not in ("1", "true")),
         "mode": lambda v: ("mode", _search_mode(str(v))),
+        "layer": lambda v: ("layer", str(v)),
+        "view": lambda v: ("view", _one_of(str(v), VIEWS)),
     }
     for name, read in readers.items():
         if name not in params:
@@ -129,8 +140,12 @@ def link_once(session: MutableMapping[str, Any], key: str, params: Mapping[str, 
 
 
 def _search_mode(value: str) -> str:
-    if value not in MODES:
-        raise ValueError(f"not one of {', '.join(MODES)}")
+    return _one_of(value, MODES)
+
+
+def _one_of(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"not one of {', '.join(choices)}")
     return value
 
 

@@ -24,12 +24,13 @@ for entry in entries:
             st.error(entry.problem)
             continue
         manifest = entry.manifest
-        h, w, c = manifest.grid
+        names = manifest.layer_names
+        grids = ["x".join(map(str, manifest.at_layer(name).grid)) for name in names]
         cols = st.columns(4)
         cols[0].metric("Images", f"{manifest.image_count:,}")
         cols[1].metric("Model", manifest.model)
-        cols[2].metric("Layer", manifest.layer)
-        cols[3].metric("Feature grid", f"{h}x{w}x{c}")
+        cols[2].metric("Layers" if len(names) > 1 else "Layer", ", ".join(names))
+        cols[3].metric("Feature grids" if len(names) > 1 else "Feature grid", ", ".join(grids))
         st.caption(f"Built {manifest.created} · weights: {manifest.weights_source} · "
                    f"{len(manifest.skipped)} skipped files")
         try:
@@ -37,7 +38,9 @@ for entry in entries:
         except CacheError as exc:  # e.g. a shard the cluster's actors cannot serve
             st.error(str(exc))
             continue
-        st.caption(two_tier.index_status(cache))
+        for name in names:
+            layer = cache if name == cache.layer else resources.load_cache(entry.path, name)
+            st.caption((f"{name}: " if len(names) > 1 else "") + two_tier.index_status(layer))
         if cache.sharded or distributed.ray_address():
             with st.expander(f"Shards ({len(cache.shards)}) and where they are served"):
                 st.text("\n".join(cache.search.placement()))

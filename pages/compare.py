@@ -1,5 +1,5 @@
 """Compare page: one query region, of a cached image or an upload, searched in two caches of the same dataset
-(two models or two layers)."""
+(two models, or two layers: of two caches or of one multi-layer cache)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,15 @@ st.title("Compare two caches")
 link, new_link = link_once(st.session_state, "compare-link", st.query_params)
 for problem in link.problems if new_link else []:
     st.warning(problem)
-entry_a, cache_a = widgets.open_cache_ui(link.params.get("a"), key="compare-a", label="Cache A")
-# B defaults to another cache of the same images: the same cache on both sides compares nothing
-default_b = link.params.get("b") or catalog.companion(catalog.find_caches(resources.caches_root()), entry_a)
-entry_b, cache_b = widgets.open_cache_ui(default_b, key="compare-b", label="Cache B", report_skipped=False)
+entry_a, cache_a = widgets.open_cache_ui(link.params.get("a"), key="compare-a", label="Cache A",
+                                         layer=link.params.get("layer_a"))
+# B defaults to another layer of the same cache, else another cache of the same images: the same cache and
+# layer on both sides compares nothing
+companion = catalog.companion(catalog.find_caches(resources.caches_root()), entry_a, cache_a.layer) or (None, None)
+default_b, default_layer_b = (link.params["b"], link.params.get("layer_b")) if "b" in link.params else companion
+entry_b, cache_b = widgets.open_cache_ui(default_b, key="compare-b", label="Cache B", report_skipped=False,
+                                         layer=default_layer_b)
+sides = {"A": (entry_a, cache_a), "B": (entry_b, cache_b)}
 with st.sidebar:
     k = st.number_input("Number of hits (k)", min_value=1, max_value=200, value=link.number("k", 1, 200) or 10,
                         key="compare-k")
@@ -38,7 +43,7 @@ if problem:
     st.stop()
 
 source = st.radio("Query image", ("From cache A", "Upload an image"), horizontal=True, key="compare-source")
-encoded = {}  # per cache: the upload encoded with its own model and layer
+encoded = {}  # per side: the upload encoded with its cache's own model and layer
 if source == "From cache A":
     if new_link and link.state.image_id is not None and link.state.image_id < cache_a.size:
         st.session_state["compare-id"] = link.state.image_id
@@ -50,9 +55,8 @@ else:
     image_id = None
     data, name = widgets.upload_ui("compare-upload", "Upload an image: it is encoded with each cache's own model "
                                    "and layer, then searched in both.")
-    encoded = dict(zip((entry_a.name, entry_b.name),
-                       widgets.encoded_upload_ui([str(entry_a.path), str(entry_b.path)], data, name)))
-    query_image, canvas_key = encoded[entry_a.name].image, f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
+    encoded = dict(zip(sides, widgets.encoded_upload_ui([cache_a, cache_b], data, name)))
+    query_image, canvas_key = encoded["A"].image, f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
 drawn = widgets.region_ui(query_image, cache_a.grid, key=f"compare-canvas-{canvas_key}")
 linked = link.state.region
 if drawn is None and linked is not None and image_id is not None and link.state.image_id == image_id \
@@ -60,37 +64,38 @@ if drawn is None and linked is not None and image_id is not None and link.state.
     drawn = linked  # the link's region (on cache A's grid), until one is drawn
     st.caption("Region from the link (draw to replace it).")
 if image_id is not None:  # an upload cannot travel in a link
-    st.query_params.from_dict({"a": entry_a.name, "b": entry_b.name,
+    layer_params = {f"layer_{side.lower()}": cache.layer for side, (_, cache) in sides.items() if len(cache.layers) > 1}
+    st.query_params.from_dict({"a": entry_a.name, "b": entry_b.name, **layer_params,
                                **to_params(SearchState(image_id=image_id, region=drawn, k=int(k)))})
 if drawn is None:
     st.info("Highlight a region of the query image; it is searched in both caches.")
     st.stop()
 
 results = {}
-for name, cache in ((entry_a.name, cache_a), (entry_b.name, cache_b)):
+for side, (entry, cache) in sides.items():
     try:
         query = ({"image_id": image_id, "exclude_query": True} if image_id is not None else
-                 {"features": encoded[name].features, "content": encoded[name].content})
-        request = SearchRequest(cache=cache, weights=geometry.mask_to_grid(drawn, cache.grid), k=int(k), **query)
-        results[name] = resources.run_search(request).hits
+                 {"features": encoded[side].features, "content": encoded[side].content})
+        weights = geometry.resample_region(geometry.mask_to_grid(drawn, cache_a.grid), cache.image_size, cache.grid)
+        request = SearchRequest(cache=cache, weights=weights, k=int(k), **query)
+        results[side] = resources.run_search(request).hits
     except QueryError as exc:
-        st.warning(f"{name}: {exc}")
+        st.warning(f"{side} ({entry.name} {cache.layer}): {exc}")
         st.stop()
     except CacheError as exc:  # a shard its Ray actors could not serve, named
-        st.error(f"{name}: {exc}")
+        st.error(f"{side} ({entry.name} {cache.layer}): {exc}")
         st.stop()
 
-ids_a, ids_b = (list(results[n]["id"]) for n in (entry_a.name, entry_b.name))
-overlap = analysis.overlap(ids_a, ids_b)
+overlap = analysis.overlap(list(results["A"]["id"]), list(results["B"]["id"]))
 st.metric("Shared hits", f"{len(overlap['common'])} of {int(k)}", help=f"Jaccard {overlap['jaccard']:.2f}")
-for column, (name, cache) in zip(st.columns(2), ((entry_a.name, cache_a), (entry_b.name, cache_b))):
+for column, (side, (entry, cache)) in zip(st.columns(2), sides.items()):
     manifest = cache.manifest
-    column.subheader(f"{name}: {manifest.model} {manifest.layer}")
-    hits = results[name]
+    column.subheader(f"{side} · {entry.name}: {manifest.model} {manifest.layer}")
+    hits = results[side]
     for start in range(0, len(hits), HITS_PER_ROW):
         for cell, (_, hit) in zip(column.columns(HITS_PER_ROW), hits.iloc[start:start + HITS_PER_ROW].iterrows()):
             picture = rendering.draw_window(cache.load_image(int(hit["id"])),
                                             (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
             cell.image(picture, width="stretch")
-            shared = "shared" if int(hit["id"]) in overlap["common"] else f"only in {name}"
+            shared = "shared" if int(hit["id"]) in overlap["common"] else f"only in {side}"
             cell.caption(f"#{hit['rank']} · {hit['score']:.3f} · id {int(hit['id'])} · {shared}")

@@ -8,26 +8,31 @@ import streamlit as st
 
 from cache_builder.cache_format import CacheError
 
-from dashboard import analysis, charts, export, rendering, two_tier
+from dashboard import analysis, charts, export, layer_sweep, rendering, two_tier
 from dashboard.export import format_value
 from dashboard.geometry import QueryError
 from dashboard.metadata import FilterError
 from dashboard.search import SearchRequest
 from dashboard.search_session import FROM_DATASET, QUERY_SOURCES, SearchSession
-from dashboard.share import MAX_K, SearchState, to_params
+from dashboard.share import MAX_K, VIEWS, SearchState, to_params
 from dashboard.two_tier import MODES
 from dashboard.ui import access, resources, widgets
 
 HITS_PER_ROW = 5
+LAYER_HITS = 6  # hits shown per row of the Layers view (the table and CSV hold all k)
+LAYER_CHART_HEIGHT = 260
+NO_GROUPS = ("No metadata column has between 2 and 60 values to group the hits by (e.g. no domain column in this "
+             "cache), so there are no composition charts.")
 CONTEXT_COLUMNS = ("domain", "location", "split")  # shown under each image, after the manifest's label column
 
 access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Search by region")
 session = SearchSession(st.session_state)
 link = session.apply_link_once(st.query_params)
-entry, cache = widgets.open_cache_ui(link.cache, key=SearchSession.CACHE)
+entry, cache = widgets.open_cache_ui(link.cache, key=SearchSession.CACHE, layer=link.layer,
+                                     layer_key=SearchSession.LAYER)
 store = cache.metadata
-for problem in session.take_link_problems(store):
+for problem in session.take_link_problems(store, cache.layers):
     st.warning(problem)
 caption_columns = [c for c in (cache.label_column, *CONTEXT_COLUMNS) if c and c in store.column_types]
 
@@ -67,29 +72,32 @@ if source == FROM_DATASET:
 else:
     data, name = widgets.upload_ui("upload", "Upload an image to search with it; it is encoded with this cache's "
                                    "model and layer.")
-    encoded, = widgets.encoded_upload_ui([str(entry.path)], data, name)
+    encoded, = widgets.encoded_upload_ui([cache], data, name)
     query_image, features, content = encoded.image, encoded.features, encoded.content
     canvas_key = f"upload:{hashlib.sha256(data).hexdigest()[:16]}"
     query_features, query_content = features, content
 query_name = query_id if query_id is not None else canvas_key  # what a preset region belongs to
 
 # ---- region
-tools = st.columns([2, 2, 2])
+tools = st.columns([2, 2, 1.2, 0.8])
 mode = tools[0].radio("Tool", ["freedraw", "rect"], horizontal=True, key="tool",
                       format_func=lambda m: {"freedraw": "Brush", "rect": "Rectangle"}[m])
 width = tools[1].slider("Brush width", 5, 80, 30, key="brush")
 show_grid = tools[2].checkbox("Show feature grid", value=False, key="show-grid")
+tools[3].button("Clear region", key="clear-region", on_click=session.clear_region,
+                help="Remove the drawing (or the suggested, linked or clicked region) and start again.")
 wide = query_image.width >= 1.2 * query_image.height  # a whole wide frame gets the page's width
 canvas_column, hint_column = (st.container(), st.container()) if wide else st.columns([3, 2])
 with canvas_column:
     drawn = widgets.region_ui(query_image, cache.grid,
                               key=f"canvas-{entry.name}-{canvas_key}-{session.canvas_round()}",
                               show_grid=show_grid, mode=mode, stroke_width=width)
-region = session.region(drawn, query_name, cache.grid)
+region = session.region(drawn, query_name, cache.grid, cache.image_size)
 suggestions = resources.suggested_regions(query_features, cache.image_size, query_content)
 with hint_column:
-    st.markdown("Draw over the part of the image to search for, or pick a suggested region. Undo and clear "
-                "appear in the canvas toolbar after the first stroke.")
+    st.markdown("Draw over the part of the image to search for, or pick a suggested region. Undo and redo are "
+                "in the toolbar at the picture's top right corner while the pointer is over it; *Clear region* "
+                "starts again.")
     if suggestions:
         st.image(rendering.suggestion_overlay(query_image, [s.box for s in suggestions]), width=224,
                  caption="Suggested regions: what stands out in this image's features")
@@ -105,10 +113,15 @@ with hint_column:
         st.image(rendering.grid_overlay(rendering.region_overlay(query_image, region.weights), cache.grid),
                  caption="Region from the link, a clicked hit or a suggestion (draw to replace it)", width=224)
 
+view = VIEWS[0]
+if len(cache.layers) > 1:
+    view = st.radio("Show", VIEWS, horizontal=True, key=SearchSession.VIEW,
+                    format_func=lambda v: {"hits": f"Top hits at {cache.layer}", "layers": "Every layer"}[v],
+                    help="Every layer: the same region searched at each layer this cache holds, one row per layer.")
 weights = None if region is None else region.weights
-st.query_params.from_dict(to_params(SearchState(cache=entry.name, image_id=query_id, region=weights, k=int(k),
-                                                flt=flt, per_group=per_group, exclude_query=exclude_query,
-                                                mode=search_mode)))
+st.query_params.from_dict(to_params(SearchState(
+    cache=entry.name, image_id=query_id, region=weights, k=int(k), flt=flt, per_group=per_group,
+    exclude_query=exclude_query, mode=search_mode, layer=cache.layer if len(cache.layers) > 1 else None, view=view)))
 if region is None:
     st.info("Highlight a region of the query image to search.")
     st.stop()
@@ -118,12 +131,59 @@ try:
     request = SearchRequest(cache=cache, weights=weights, image_id=query_id, features=features, content=content,
                             k=int(k), flt=flt, per_group=per_group,
                             exclude_query=exclude_query and query_id is not None, mode=search_mode)
-    result = resources.run_search(request)
+    if view == "layers":  # every layer's answer, one row each, instead of this layer's page
+        layer_caches = [resources.load_cache(entry.path, layer_name) for layer_name in cache.layers]
+        uploads = None if features is None else {
+            c.layer: e for c, e in zip(layer_caches, widgets.encoded_upload_ui(layer_caches, data, name))}
+        answers = [layer_sweep.LayerAnswer(r.cache.layer, r, resources.run_search(r))
+                   for r in layer_sweep.sweep_requests(request, layer_caches, uploads)]
+    else:
+        result = resources.run_search(request)
 except QueryError as exc:
     st.warning(str(exc))
     st.stop()
 except (FilterError, CacheError) as exc:  # CacheError: a shard its Ray actors could not serve, named
     st.error(str(exc))
+    st.stop()
+
+if view == "layers":
+    st.subheader("Every layer")
+    st.caption("The same region searched at each layer of the cache (resampled to its grid), with the same "
+               "options. Early layers tend to match texture and colour, late ones objects. Open a row to see "
+               "that layer's hits and charts.")
+    group_options = analysis.group_columns(store.chartable_columns(), store.distinct_counts)
+    by = None
+    if group_options:
+        default = analysis.default_group_column(group_options, cache.label_column)
+        by = st.selectbox("Composition by", group_options, index=group_options.index(default), key="layers-by")
+    else:
+        st.caption(NO_GROUPS)
+    for answer in answers:
+        info, pictures, chart = st.columns([2, 7, 3])
+        h, w, c = answer.grid
+        info.markdown(f"**{answer.layer}**  \n{h}x{w} cells, {c} channels")
+        info.caption(f"{answer.result.elapsed_s * 1000:.0f} ms · {answer.result.mode.mode}")
+        verdict = layer_sweep.label_share(answer.result.hits, cache.label_column,
+                                     row[cache.label_column] if row is not None and cache.label_column else None)
+        if verdict:
+            info.caption(verdict)
+        info.button("Open this layer", key=f"layer-row-{answer.layer}", on_click=session.open_layer,
+                    args=(answer.layer,), type="primary" if answer.layer == cache.layer else "secondary")
+        shown = answer.result.hits.head(LAYER_HITS)
+        for cell, (_, hit) in zip(pictures.columns(LAYER_HITS), shown.iterrows()):
+            picture = rendering.draw_window(cache.load_image(int(hit["id"])),
+                                            (hit["x0"], hit["y0"], hit["x1"], hit["y1"]))
+            cell.image(picture, width="stretch")
+            cell.caption(f"{hit['score']:.3f}")
+        if by is not None:
+            shares = analysis.composition(answer.result.hits, answer.result.searched, by)
+            chart.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"),
+                                                  ("top hits", "searched images"), "share of images", by,
+                                                  f"{answer.layer}: top {len(answer.result.hits)} by {by}",
+                                                  height=LAYER_CHART_HEIGHT),
+                               width="stretch", key=f"layer-chart-{answer.layer}")
+    st.download_button("Download every layer's hits (CSV)", export.to_csv(layer_sweep.sweep_table(answers)),
+                       file_name=f"{entry.name}-layers.csv", mime="text/csv", key="download-layers-csv")
     st.stop()
 hits = result.hits
 recall = resources.recall_estimate(request.cache, result.reranked_share) if result.approximate_scores else None
@@ -163,8 +223,7 @@ if group_options:
     default = analysis.default_group_column(group_options, label)
     by = st.selectbox("Group by", group_options, index=group_options.index(default), key="chart-column")
 else:
-    st.caption("No metadata column has between 2 and 60 values to group the hits by (e.g. no domain column in "
-               "this cache), so there are no composition charts.")
+    st.caption(NO_GROUPS)
 left, right = st.columns(2)
 if by is not None:
     shares = analysis.composition(hits, searched, by)

@@ -67,6 +67,8 @@ def test_first_start_builds_the_demo_cache(tmp_path, monkeypatch):
     at.run()
     assert "demo" in [h.value for h in at.subheader]
     assert "16" in [m.value for m in at.metric]
+    assert catalog.find_caches(tmp_path)[0].manifest.layer_names == list(catalog.DEMO_LAYERS)
+    assert ", ".join(catalog.DEMO_LAYERS) in [m.value for m in at.metric]  # an early layer and the last
 
 
 def test_the_shipped_config_watches_no_files():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dashboard import catalog
 from streamlit_server import ROOT, chromium, require_browser, running_app
 from wide_frames import EDGE_FRAMES, write_frames
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.browser
 def demo_caches(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("caches")
     subprocess.run([sys.executable, "-m", "cache_builder", "build", "--source", "demo", "--demo-size", "60",
+                    *(arg for layer in catalog.DEMO_LAYERS for arg in ("--layer", layer)),
                     "--out", str(root / "demo"), "--quiet"], cwd=ROOT, check=True, capture_output=True)
     return root
 
@@ -53,6 +55,7 @@ def test_draw_a_stroke_search_and_download(app_url, tmp_path):
         expect(page.get_by_text("To start with, the best suggested region")).to_be_visible(timeout=60_000)
         expect(page.get_by_role("button", name="Search from here")).to_have_count(20, timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "first-screen.png"), full_page=True)
+
         box = canvas.bounding_box()
         x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
         page.mouse.move(x0, y0)
@@ -70,12 +73,31 @@ def test_draw_a_stroke_search_and_download(app_url, tmp_path):
             page.get_by_role("button", name="Download CSV").click()
         csv = Path(download_info.value.path()).read_bytes()
 
+        # Clear region, always on the page (the canvas's own toolbar shows only under the pointer): no region
+        page.get_by_role("button", name="Clear region").click()
+        expect(page.get_by_text("Highlight a region of the query image to search.")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("button", name="Search from here")).to_have_count(0, timeout=30_000)
+
         # a suggested region replaces the drawing: one click, and its region is what is searched
         page.get_by_role("button", name="1", exact=True).click()
         expect(page.get_by_text("Region from the link, a clicked hit or a suggestion")).to_be_visible(timeout=60_000)
         expect(page.get_by_role("button", name="Search from here")).to_have_count(20, timeout=30_000)
         assert "region=" in page.url
         page.screenshot(path=str(ARTIFACTS / "suggested.png"), full_page=True)
+
+        # the Layers view: the same region at both of the demo's layers, one row each; a row opens its layer
+        page.get_by_text("Every layer", exact=True).click()
+        opens = page.get_by_role("button", name="Open this layer")
+        expect(opens).to_have_count(2, timeout=60_000)
+        expect(page.get_by_text("28x28 cells, 40 channels")).to_be_visible(timeout=30_000)
+        assert "view=layers" in page.url
+        opens.nth(1).scroll_into_view_if_needed()
+        page.wait_for_timeout(500)  # the rows' charts draw
+        page.screenshot(path=str(ARTIFACTS / "layers.png"))
+        opens.nth(1).click()
+        expect(page.get_by_text("Top hits at blocks.2")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("button", name="Search from here")).to_have_count(20, timeout=60_000)
+        assert "layer=blocks.2" in page.url and "view=layers" not in page.url
     table = pd.read_csv(io.BytesIO(csv))
     assert len(table) == 20
     assert list(table.columns[:12]) == ["rank", "id", "path", "score", "row", "col", "height", "width",

@@ -180,10 +180,10 @@ def test_interrupted_build_resumes_to_identical_arrays(tmp_path):
     assert_same_cache(clean, resumed)
 
 
-def assert_same_cache(a: Path, b: Path) -> None:
+def assert_same_cache(a: Path, b: Path, images: bool = True) -> None:
     for name in (fmt.FEATURES_FILE, fmt.SQNORMS_FILE):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    for image_id in range(fmt.read_manifest(a).image_count):
+    for image_id in range(fmt.read_manifest(a).image_count if images else 0):
         assert (a / fmt.image_relpath(image_id)).read_bytes() == (b / fmt.image_relpath(image_id)).read_bytes()
 
 
@@ -287,3 +287,104 @@ def test_a_manifests_own_domain_fills_the_cache_and_the_charts_split_by_it(tmp_p
     shares = analysis.composition(result.hits, result.searched, "domain")
     assert set(shares["value"]) == {"in", "out", "Hospital de San Juan"}
     assert shares["searched"].sum() == 8
+
+
+# ------------------------------------------------------------------------------------------ multi-layer caches
+TWO_LAYERS = ("blocks.6", "blocks.2")
+
+
+@pytest.fixture(scope="module")
+def two_layer_build(built_sources, tmp_path_factory) -> tuple[Path, fmt.Manifest]:
+    out = tmp_path_factory.mktemp("two_layers")
+    return out, build_cache(built_sources, out, BuildOptions(**SMALL, layers=TWO_LAYERS))
+
+
+def test_several_layers_share_one_cache_and_each_equals_its_single_layer_build(two_layer_build, built,
+                                                                               built_sources, tmp_path):
+    out, manifest = two_layer_build
+    assert manifest.layer_names == list(TWO_LAYERS) and manifest.layer == "blocks.6"
+    assert [entry["dir"] for entry in manifest.layers] == ["", "layers/01"]
+    early = manifest.at_layer("blocks.2")
+    assert early.grid == (12, 12, 40) and manifest.grid == (3, 3, 320)
+    single_early = tmp_path / "early"
+    build_cache(built_sources, single_early, BuildOptions(**SMALL, layers=("blocks.2",), index=False))
+    for folder, single in ((out, built[0]), (out / "layers" / "01", single_early)):
+        for name in (fmt.FEATURES_FILE, fmt.SQNORMS_FILE):  # the same forward pass, rows dropped the same way
+            assert (folder / name).read_bytes() == (single / name).read_bytes(), (folder, name)
+    assert not (out / "layers" / "01" / fmt.IMAGES_DIR).exists()  # images are shared, stored once
+    assert manifest.image_count == built[1].image_count and manifest.skipped == built[1].skipped
+
+
+def test_each_layer_opens_with_its_own_grid_index_and_the_shared_images(two_layer_build):
+    out, _ = two_layer_build
+    last, early = FeatureCache.open(out), FeatureCache.open(out, layer="blocks.2")
+    try:
+        assert (last.layer, last.grid, last.channels) == ("blocks.6", (3, 3), 320)
+        assert (early.layer, early.grid, early.channels) == ("blocks.2", (12, 12), 40)
+        assert early.layers == last.layers == list(TWO_LAYERS)
+        assert early.image_file(3) == last.image_file(3)
+        assert early.first_stage().dims == default_dims(40) and last.first_stage().dims == default_dims(320)
+        assert early.first_stage().codes.shape[1:3] == (12, 12)
+        with pytest.raises(fmt.CacheError, match="no layer 'blocks.9'.*blocks.6, blocks.2"):
+            FeatureCache.open(out, layer="blocks.9")
+    finally:
+        last.metadata.close()
+        early.metadata.close()
+
+
+def test_an_interrupted_multi_layer_build_resumes_to_identical_arrays(tmp_path):
+    sources = [parse_source("demo", SourceOptions(demo_size=16))]
+    options = BuildOptions(**SMALL, layers=TWO_LAYERS, index=False)
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    build_cache(sources, clean, options)
+
+    def stop(done: int, total: int) -> None:
+        if done >= 8:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_cache(sources, resumed, options, on_progress=stop)
+    build_cache(sources, resumed, options)
+    assert_same_cache(clean, resumed)
+    assert_same_cache(clean / "layers" / "01", resumed / "layers" / "01", images=False)
+
+
+def test_a_single_layer_build_does_not_resume_as_a_two_layer_one(built, built_sources):
+    with pytest.raises(BuildError, match="different cache"):
+        build_cache(built_sources, built[0], BuildOptions(**SMALL, layers=TWO_LAYERS))
+
+
+@pytest.mark.parametrize("layers, message", [
+    (("blocks.6", "blocks.6"), "distinct layers"),
+    (("blocks.6", "block.2"), "no layer 'block.2'"),
+    (("blocks.6", "classifier"), "not a \\(C, H, W\\) feature map"),
+])
+def test_bad_layer_lists_are_refused_before_any_work(layers, message, dataset, tmp_path):
+    with pytest.raises(BuildError, match=message):
+        build_cache([parse_source(f"folder:{dataset}")], tmp_path / "out", BuildOptions(**SMALL, layers=layers))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda layers: layers[1].update(dir="../../etc"), "expected .*dir 'layers/01'"),
+    (lambda layers: layers[1].update(name="blocks.6"), "expected a new name"),
+    (lambda layers: layers[1].pop("grid"), "malformed"),
+    (lambda layers: layers[0].update(name="blocks.5"), "first layer"),
+])
+def test_a_tampered_layer_list_is_refused(two_layer_build, tmp_path, change, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(two_layer_build[0], copy)
+    data = json.loads((copy / fmt.MANIFEST_FILE).read_text())
+    change(data["layers"])
+    (copy / fmt.MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(fmt.CacheError, match=message):
+        FeatureCache.open(copy, layer="blocks.2")
+
+
+def test_a_missing_layer_array_is_refused_by_name(two_layer_build, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(two_layer_build[0], copy)
+    (copy / "layers" / "01" / fmt.SQNORMS_FILE).unlink()
+    FeatureCache.open(copy).metadata.close()  # the other layer still opens
+    with pytest.raises(fmt.CacheError, match="layers/01.*sqnorms.npy is missing"):
+        FeatureCache.open(copy, layer="blocks.2")

@@ -19,7 +19,20 @@ def test_compare_defaults_to_another_cache_of_the_same_images(small_cache, tmp_p
     (tmp_path / "broken" / "manifest.json").write_text(json.dumps({"status": "building"}))
     entries = {entry.name: entry for entry in find_caches(tmp_path)}
     assert entries["broken"].problem is not None
-    assert companion(list(entries.values()), entries["a-model"]) == "c-layer"  # same 40 images
-    assert companion(list(entries.values()), entries["b-other-size"]) == "a-model"  # else any other
+    assert companion(list(entries.values()), entries["a-model"]) == ("c-layer", None)  # same 40 images
+    assert companion(list(entries.values()), entries["b-other-size"]) == ("a-model", None)  # else any other
     alone = [entries["a-model"], entries["broken"]]
     assert companion(alone, entries["a-model"]) is None
+
+
+def test_compare_defaults_to_another_layer_of_a_multi_layer_cache(small_cache, tmp_path):
+    shutil.copytree(small_cache.path, tmp_path / "a-single")
+    rng = np.random.default_rng(0)
+    write_array_cache(tmp_path / "b-layers", rng.random((40, 5, 6, 16), np.float32), layer="late",
+                      more_layers={"early": rng.random((40, 10, 12, 8), np.float32),
+                                   "middle": rng.random((40, 5, 6, 8), np.float32)})
+    entries = {entry.name: entry for entry in find_caches(tmp_path)}
+    assert entries["b-layers"].problem is None
+    assert companion(list(entries.values()), entries["b-layers"]) == ("b-layers", "early")
+    assert companion(list(entries.values()), entries["b-layers"], "early") == ("b-layers", "late")
+    assert companion(list(entries.values()), entries["a-single"]) == ("b-layers", None)

@@ -57,6 +57,10 @@ def test_layers_lists_shapes_and_marks_the_default():
 @pytest.mark.parametrize("args, message", [
     (["layers", "--model", "efficientnet_lite1x"], "efficientnet_lite0"),
     (["build", "--source", "demo", "--layer", "blocks.66", "--out", "/tmp/vfs-never"], "blocks.6"),
+    (["build", "--source", "demo", "--layer", "blocks.6", "--layer", "blocks.6", "--out", "/tmp/vfs-never"],
+     "distinct layers"),
+    (["build", "--source", "demo", "--layer", "blocks.6", "--layer", "blocks.2", "--ray", "--out",
+      "/tmp/vfs-never"], "--ray builds one layer"),
     (["build", "--source", "folder:/definitely/missing", "--out", "/tmp/vfs-never"], "not a folder"),
     (["info", "/definitely/missing"], "not a feature cache"),
 ])
@@ -104,6 +108,7 @@ def test_search_cli_mask_png_and_json(small_cache, tmp_path):
     (["--mask", "/etc/hostname"], "not a readable image"),
     (["--box", "0,0,10,10", "--per", "nosuch"], "no metadata column 'nosuch'"),
     (["--box", "0,0,10,10", "--image-id", "40"], "not in this cache"),
+    (["--box", "0,0,10,10", "--layer", "blocks.9"], "no layer 'blocks.9'; it holds synthetic"),
 ])
 def test_search_cli_bad_input(small_cache, extra, message):
     result = run("dashboard", "search", str(small_cache.path), "--image-id", "1", *extra)

@@ -306,6 +306,19 @@ def test_imagenet_flat_or_loose_images(tmp_path):
     assert source.describe()["label_column"] == "label"
 
 
+def test_imagenet_files_named_by_wnid_carry_it_outside_class_folders(tmp_path):
+    """A flattened copy (the shared real photos keep `images/n01443537_1.jpg`) silently got wnid "images"."""
+    image(tmp_path / "flat" / "images" / "n01443537_10007.jpg")  # goldfish, in a folder that is no wnid
+    image(tmp_path / "flat" / "n01440764_2.JPEG")  # tench, loose in the root
+    image(tmp_path / "flat" / "n01440764" / "n09999999_3.JPEG")  # the class folder wins over the name
+    image(tmp_path / "flat" / "misc" / "photo.jpg")  # no wnid anywhere: kept, unknown class, counted
+    source = parse_source(f"imagenet:{tmp_path / 'flat'}")
+    found = {item.path.rsplit("/", 1)[-1]: (item.metadata["wnid"], item.metadata["label"]) for item in source.items}
+    assert found == {"n01443537_10007.jpg": ("n01443537", "goldfish"), "n01440764_2.JPEG": ("n01440764", "tench"),
+                     "n09999999_3.JPEG": ("n01440764", "tench"), "photo.jpg": ("misc", None)}
+    assert dict(source.notes) == {base.UNKNOWN_WNID: 1}
+
+
 # --------------------------------------------------------------------------------------------- together
 
 

@@ -168,3 +168,20 @@ def test_the_app_serves_shards_from_ray_when_asked_and_says_where(cluster, shard
     import streamlit as st
 
     st.cache_resource.clear()  # stops the app's shard servers (the cache's on_release closes them)
+
+
+def test_a_layer_of_a_multi_layer_cache_is_served_at_that_layer(cluster, tmp_path):
+    rng = np.random.default_rng(2)
+    write_array_cache(tmp_path / "layered", rng.random((30, 5, 5, 8), np.float32), layer="late",
+                      more_layers={"early": rng.random((30, 10, 10, 4), np.float32)})
+    early = FeatureCache.open(tmp_path / "layered", "early")
+    served = distributed.serve(early, cluster.address)
+    try:
+        weights = np.zeros((10, 10), np.float32)
+        weights[2:6, 3:7] = 1
+        remote, local = search(served, image_id=4, weights=weights), search(early, image_id=4, weights=weights)
+        pd.testing.assert_frame_equal(remote.hits, local.hits)
+        assert remote.hits["height"].iloc[0] == 4  # windows on the early layer's 10x10 grid
+    finally:
+        served.search.close()
+        early.metadata.close()

@@ -159,6 +159,17 @@ def test_list_layers(lite0):
     assert lite0.default_layer == "blocks.6"
 
 
+def test_one_forward_pass_gives_several_layers_each_as_its_own_extractor_does(lite0):
+    x = model_input(lite0.preprocessing, Image.fromarray(data.chelsea()))
+    both = FeatureExtractor(lite0, ["blocks.6", "blocks.2"])  # any order: outputs follow the list
+    assert both.output_shapes == ((320, 7, 7), (40, 28, 28)) and both.output_shape == (320, 7, 7)
+    with torch.inference_mode():
+        late, early = both(x)
+        assert torch.equal(late, FeatureExtractor(lite0, "blocks.6")(x))
+        assert torch.equal(early, FeatureExtractor(lite0, "blocks.2")(x))
+        assert [o.shape for o in FeatureExtractor(lite0, "blocks.2").forward_layers(x)] == [(1, 40, 28, 28)]
+
+
 def test_extractor_equals_full_forward_and_stops_early(lite0):
     module = lite0.module
     x = torch.cat([model_input(lite0.preprocessing, Image.fromarray(f())) for f in (data.chelsea, data.coffee)])

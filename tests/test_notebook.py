@@ -13,6 +13,7 @@ from PIL import Image
 
 from cache_builder.build import BuildOptions, build_cache
 from cache_builder.sources import SourceOptions, parse_source
+from dashboard import catalog
 from dashboard import notebook as vfs
 from dashboard.geometry import QueryError, box_mask, mask_to_grid
 from dashboard.metadata import FilterError
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("caches") / "demo"
     build_cache([parse_source("demo", SourceOptions(demo_size=60))], out,
-                BuildOptions(model="efficientnet_lite0", batch_size=32, workers=0, index=False))
+                BuildOptions(model="efficientnet_lite0", layers=catalog.DEMO_LAYERS, batch_size=32, workers=0,
+                             index=False))
     return out
 
 
@@ -44,6 +46,8 @@ def test_the_readmes_example_runs(demo, tmp_path, monkeypatch):
     assert (hits["domain"] == "out").all() and hits["location"].is_unique and 42 not in set(hits["id"])
     assert isinstance(sheet, Image.Image) and sheet.width == 5 * 160 and (tmp_path / "hits.png").is_file()
     assert len(scope["upload"]) == 5 and len(scope["by_box"]) == 10
+    early = scope["early_hits"]  # the same box at the early layer: scored there, so other scores
+    assert len(early) == 10 and list(early["score"]) != list(scope["by_box"]["score"])
 
 
 def test_a_box_search_is_the_search_requests_answer(demo):

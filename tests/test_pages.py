@@ -19,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 from dashboard.proposals import suggest_regions
 from dashboard.settings import CACHES_DIR_ENV
 from dashboard.query_encoder import EncodedImage
+from dashboard.search_session import SearchSession
 from dashboard.share import encode_region
 from dashboard.ui import resources
 from dashboard.ui.widgets import REGION_OVERRIDE_KEY
@@ -57,7 +58,7 @@ def test_the_first_view_already_answers_with_a_suggested_region(caches, small_ca
     assert "To start with, the best suggested region" in texts(at.info)
     assert "Searched 39 of 40 images" in texts(at.caption)  # hits and charts on the first view
     assert at.session_state["query_id"] == 0  # the first image whose label names something
-    assert "after the first stroke" in texts(at.markdown)  # the toolbar is not there before one
+    assert "Clear region" in texts(at.markdown)  # the hint names the button that is always there
     at.button(key="suggestion-2").click().run()
     assert "To start with" not in texts(at.info)  # the user's own choice now
 
@@ -206,7 +207,7 @@ def test_compare_searches_an_upload_encoded_by_each_cache(caches, small_cache, m
     features = np.random.default_rng(3).random((5, 6, 16)).astype(np.float32)
     seen = []
 
-    def encode(cache_path, data, name, max_bytes):  # the real upload checks, a stand-in model
+    def encode(cache_path, data, name, max_bytes, layer=None):  # the real upload checks, a stand-in model
         read_upload(data, name=name, max_bytes=max_bytes)
         seen.append(Path(cache_path).name)
         return EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, 5, 6))
@@ -398,3 +399,79 @@ def test_a_clicked_suggested_region_is_searched_and_goes_into_the_link(caches, s
     assert "Searched 39 of 40 images" in texts(at.caption)
     weights = expected[0].weights(small_cache.image_size, small_cache.grid)
     assert at.query_params["region"] == encode_region(weights)
+
+
+# ------------------------------------------------------------------------------------ a cache of two layers
+@pytest.fixture
+def layered(caches, small_cache) -> Path:
+    """The tiny cache's images and metadata with two layers: `late` (its own 5x6x16 features, stored first) and
+    `early` (10x12x8, each late cell's first 8 channels spread over 2x2 cells, plus noise)."""
+    late = small_cache.features().float().numpy()
+    early = np.repeat(np.repeat(late[..., :8], 2, axis=1), 2, axis=2)
+    early = np.maximum(early + np.random.default_rng(1).normal(0, 0.3, early.shape), 0).astype(np.float32)
+    images = np.stack([np.asarray(small_cache.load_image(i)) for i in range(small_cache.size)])
+    metadata = small_cache.metadata.rows(None).drop(columns=["id", "path"])
+    from cache_builder.synthetic import write_array_cache
+
+    write_array_cache(caches / "layered", late, metadata=metadata, input_size=48, images=images, layer="late",
+                      label_column="label", more_layers={"early": early})
+    return caches / "layered"
+
+
+def test_the_layers_view_searches_the_region_at_every_layer_and_a_row_opens_its_layer(layered):
+    at = page("pages/search.py", cache="layered")
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key=SearchSession.LAYER).value == "late"
+    assert "Searched 39 of 40 images" in texts(at.caption)
+    at.radio(key=SearchSession.VIEW).set_value("layers").run()
+    assert not at.exception, at.exception
+    assert at.query_params["view"] == "layers" and at.query_params["layer"] == "late"
+    rows = [b for b in at.button if b.key and b.key.startswith("layer-row-")]
+    assert [b.key for b in rows] == ["layer-row-late", "layer-row-early"]  # one row per layer, stored order
+    assert "10x12 cells, 8 channels" in texts(at.markdown) and "5x6 cells, 16 channels" in texts(at.markdown)
+    assert texts(at.caption).count("share the query's label") == 2
+    assert len(at.get("plotly_chart")) == 2  # each layer's composition
+    assert [b.label for b in at.get("download_button")] == ["Download every layer's hits (CSV)"]
+    at.button(key="layer-row-early").click().run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key=SearchSession.LAYER).value == "early" and at.radio(key=SearchSession.VIEW).value == "hits"
+    assert at.query_params["layer"] == "early" and "view" not in at.query_params
+    assert "Searched 39 of 40 images" in texts(at.caption)  # the same region, resampled to the early grid
+    assert at.query_params["region"].startswith("10x12:")
+
+
+def test_a_link_names_the_layer_and_an_unknown_layer_warns(layered):
+    at = page("pages/search.py", cache="layered", layer="early", image="3", region=encode_region(REGION))
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key=SearchSession.LAYER).value == "early"
+    assert "Searched 39 of 40 images" in texts(at.caption)  # the link's 5x6 region, on the early grid
+    at = page("pages/search.py", cache="layered", layer="blocks.9").run()
+    assert not at.exception
+    assert "the link's layer 'blocks.9' is not in this cache" in texts(at.warning)
+    assert at.selectbox(key=SearchSession.LAYER).value == "late"
+
+
+def test_compare_puts_a_multi_layer_caches_other_layer_beside_it(layered):
+    at = page("pages/compare.py", a="layered")
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="compare-b").value == "layered"
+    assert at.selectbox(key="compare-a-layer").value == "late" and at.selectbox(key="compare-b-layer").value == "early"
+    assert "A · layered: synthetic late" in texts(at.subheader) and "B · layered: synthetic early" in texts(at.subheader)
+    assert at.query_params["layer_b"] == "early"
+    shared = [m.value for m in at.metric][0]
+    assert shared.endswith("of 10") and shared != "10 of 10"  # two layers: related, not identical, answers
+
+
+def test_clear_region_stops_the_search_until_a_new_region(caches):
+    at = page("pages/search.py").run()
+    assert "Searched 39 of 40 images" in texts(at.caption)  # the first view's preselected region
+    at.button(key="clear-region").click().run()
+    assert not at.exception
+    assert "Highlight a region" in texts(at.info) and "region" not in at.query_params
+    at.button(key="suggestion-1").click().run()
+    assert "Searched 39 of 40 images" in texts(at.caption)

@@ -177,3 +177,12 @@ def test_synthetic_caches_can_be_written_sharded(pair, tmp_path):
     assert [shard.count for shard in direct.shards] == [100, 100, 30]
     pd.testing.assert_frame_equal(search(direct, mode="exact").hits.drop(columns=["path"]),
                                   search(single, mode="exact").hits.drop(columns=["path", "group", "half"]))
+
+
+def test_a_multi_layer_cache_is_not_split_silently_without_its_other_layers(tmp_path):
+    rng = np.random.default_rng(0)
+    write_array_cache(tmp_path / "layered", rng.random((6, 2, 2, 4), np.float32), layer="late",
+                      more_layers={"early": rng.random((6, 4, 4, 4), np.float32)})
+    with pytest.raises(CacheError, match="holds 2 layers; splitting a multi-layer cache"):
+        split_cache(tmp_path / "layered", tmp_path / "sharded", 3)
+    assert not (tmp_path / "sharded").exists()

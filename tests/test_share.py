@@ -14,13 +14,13 @@ def test_state_round_trips_through_the_url():
     state = SearchState(cache="demo", image_id=42, region=region, k=7,
                         flt=MetadataFilter(equals={"domain": ["out"]}, ranges={"age": (3, 9)},
                                            contains_any={"diagnoses": ["Mass"]}),
-                        per_group="location", exclude_query=False, mode="approx")
+                        per_group="location", exclude_query=False, mode="approx", layer="blocks.2", view="layers")
     params = to_params(state)
     assert all(isinstance(v, str) for v in params.values())
     back, problems = from_params(params)
     assert not problems
-    assert (back.cache, back.image_id, back.k, back.per_group, back.exclude_query, back.mode) == (
-        "demo", 42, 7, "location", False, "approx")
+    assert (back.cache, back.image_id, back.k, back.per_group, back.exclude_query, back.mode, back.layer,
+            back.view) == ("demo", 42, 7, "location", False, "approx", "blocks.2", "layers")
     assert back.flt == state.flt
     np.testing.assert_allclose(back.region, region, atol=1 / 255)
 
@@ -40,6 +40,7 @@ def test_defaults_make_a_short_link():
     ({"filters": "[1, 2]"}, "filters"),
     ({"k": "lots"}, "k"),
     ({"mode": "fastest"}, "mode"),
+    ({"view": "everything"}, "view"),
 ])
 def test_damaged_parameters_are_dropped_and_reported(params, name):
     state, problems = from_params({"cache": "demo", **params})

@@ -48,17 +48,17 @@ def caches_root() -> Path:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8, on_release=lambda cache: cache.search.close())
-def _open_cache(path: str, manifest_mtime: float) -> FeatureCache:
+def _open_cache(path: str, manifest_mtime: float, layer: str | None) -> FeatureCache:
     """`manifest_mtime` is part of the key so a rebuilt cache is reopened. With `VFS_RAY_ADDRESS` set, the
-    cache's shards are served by Ray actors on that cluster, started here once per process and cache."""
-    cache = FeatureCache.open(path)
+    cache's shards are served by Ray actors on that cluster, started here once per process, cache and layer."""
+    cache = FeatureCache.open(path, layer)
     address = distributed.ray_address()
     return distributed.serve(cache, address) if address else cache
 
 
-def load_cache(path: Path) -> FeatureCache:
-    """One memory map and DuckDB connection per cache per process, shared by every session."""
-    return _open_cache(str(path), (Path(path) / MANIFEST_FILE).stat().st_mtime)
+def load_cache(path: Path, layer: str | None = None) -> FeatureCache:
+    """One memory map and DuckDB connection per cache and layer per process, shared by every session."""
+    return _open_cache(str(path), (Path(path) / MANIFEST_FILE).stat().st_mtime, layer)
 
 
 @st.cache_data(max_entries=32, show_spinner="Searching...", hash_funcs=_by_fingerprint)
@@ -88,10 +88,10 @@ def suggested_regions(features: np.ndarray, image_size: tuple[int, int],
 
 
 @st.cache_data(max_entries=16, show_spinner="Encoding the upload with the cache's model...")
-def encode_upload(cache_path: str, data: bytes, name: str, max_bytes: int) -> EncodedImage:
-    """Uploads stay in memory; the same bytes are encoded once per process."""
+def encode_upload(cache_path: str, data: bytes, name: str, max_bytes: int, layer: str | None = None) -> EncodedImage:
+    """Uploads stay in memory; the same bytes are encoded once per process and layer."""
     image = read_upload(data, name=name, max_bytes=max_bytes)
-    return encode_image(load_cache(Path(cache_path)).manifest, image)
+    return encode_image(load_cache(Path(cache_path), layer).manifest, image)
 
 
 def _has_usable_cache(root: Path) -> bool:
@@ -111,7 +111,8 @@ def ensure_demo_cache_ui() -> None:
         if _has_usable_cache(root):
             return
         st.title("Visual Feature Search")
-        st.info("First start: building the demo cache (1,500 synthetic camera-trap images, EfficientNet-Lite0). "
+        st.info("First start: building the demo cache (1,500 synthetic camera-trap images, EfficientNet-Lite0 "
+                "at an early layer and the last). "
                 "This happens once and takes a few minutes on a laptop CPU.")
         bar = st.progress(0.0, text="loading the model...")
 
@@ -120,7 +121,7 @@ def ensure_demo_cache_ui() -> None:
 
         try:
             build_cache([parse_source("demo")], root / catalog.DEMO_CACHE_NAME,
-                        BuildOptions(model="efficientnet_lite0"), on_progress=report)
+                        BuildOptions(model="efficientnet_lite0", layers=catalog.DEMO_LAYERS), on_progress=report)
         except BuildError as exc:
             st.error(f"Could not build the demo cache: {exc}")
             st.stop()

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from cache_builder import cache_format as fmt
 from cache_builder.cache_format import CacheError
 from dashboard import catalog, geometry
 from dashboard.feature_cache import FeatureCache
@@ -19,18 +20,34 @@ from dashboard.uploads import MAX_UPLOAD_BYTES, UploadError
 REGION_OVERRIDE_KEY = "region_override"  # grid weights that replace the canvas: AppTest cannot draw
 
 
-def open_cache_ui(default: str | None, key: str, label: str = "Cache",
-                  report_skipped: bool = True) -> tuple[catalog.CacheEntry, FeatureCache]:
-    """Sidebar cache choice, opened; stops the page with a message when there is nothing usable to open."""
+def open_cache_ui(default: str | None, key: str, label: str = "Cache", report_skipped: bool = True,
+                  layer: str | None = None, layer_key: str | None = None) -> tuple[catalog.CacheEntry, FeatureCache]:
+    """Sidebar cache choice (and layer choice under `layer_key`, for a cache of several layers, `layer`
+    preselected), opened; stops the page with a message when there is nothing usable to open."""
     with st.sidebar:
         entry = cache_picker_ui(catalog.find_caches(caches_root()), default, key, label, report_skipped)
-    if entry is None:
-        st.stop()
+        if entry is None:
+            st.stop()
+        chosen = layer_picker_ui(entry.manifest, layer, layer_key or f"{key}-layer")
     try:
-        return entry, load_cache(entry.path)
+        return entry, load_cache(entry.path, chosen)
     except CacheError as exc:
         st.error(str(exc))
         st.stop()
+
+
+def layer_picker_ui(manifest: fmt.Manifest, default: str | None, key: str) -> str:
+    """The layer to search, chosen in a selectbox when the cache holds several (each shown with its grid)."""
+    names = manifest.layer_names
+    if st.session_state.get(key) not in names:  # another cache was chosen: its own default
+        st.session_state.pop(key, None)
+    if len(names) == 1:
+        return names[0]
+    grids = {name: "x".join(map(str, manifest.at_layer(name).grid)) for name in names}
+    position = {} if key in st.session_state else {"index": names.index(default) if default in names else 0}
+    return st.selectbox("Layer", names, key=key, format_func=lambda name: f"{name} ({grids[name]})",
+                        help="This cache holds several layers of its model: early layers match texture and colour, "
+                        "late ones objects. The Layers view searches every one of them.", **position)
 
 
 def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key: str, label: str = "Cache",
@@ -50,7 +67,9 @@ def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key:
     name = st.selectbox(label, names, key=key, **position)  # the name alone: the sidebar cuts long options
     manifest = usable[names.index(name)].manifest
     h, w, c = manifest.grid
-    st.caption(f"{manifest.model} {manifest.layer} ({h}x{w}x{c}) · {manifest.image_count:,} images")
+    layers = f"{len(manifest.layer_names)} layers" if len(manifest.layer_names) > 1 else f"{manifest.layer} " \
+        f"({h}x{w}x{c})"
+    st.caption(f"{manifest.model} {layers} · {manifest.image_count:,} images")
     return usable[names.index(name)]
 
 
@@ -63,11 +82,12 @@ def upload_ui(key: str, hint: str) -> tuple[bytes, str]:
     return upload.getvalue(), upload.name
 
 
-def encoded_upload_ui(cache_paths: list[str], data: bytes, name: str) -> list[EncodedImage]:
+def encoded_upload_ui(caches: list[FeatureCache], data: bytes, name: str) -> list[EncodedImage]:
     """The upload encoded by each cache's own model and layer; a file that is not a usable image gets a message
     and the page stops (the app keeps working)."""
     try:
-        return [resources.encode_upload(path, data, name, MAX_UPLOAD_BYTES) for path in cache_paths]
+        return [resources.encode_upload(str(cache.path), data, name, MAX_UPLOAD_BYTES, cache.layer)
+                for cache in caches]
     except (UploadError, CacheError) as exc:
         st.error(str(exc))
         st.stop()
@@ -136,8 +156,8 @@ def region_ui(image: Image.Image, grid: tuple[int, int], key: str, show_grid: bo
         drawing_mode=mode, return_image_data=True, key=key,
     )
     override = st.session_state.get(REGION_OVERRIDE_KEY)
-    if override is not None:
-        return np.asarray(override, dtype=np.float32)
+    if override is not None:  # made on one layer's grid, it covers the same pixels on any other
+        return geometry.resample_region(override, (image.height, image.width), grid)
     data = result.image_data if result is not None else None
     if data is None or data.ndim != 3 or not np.any(data[..., 3] > 0):
         return None
