@@ -54,7 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
                        help="module name whose output is cached (default: the model's default layer; see the "
                        "`layers` command); repeat it to cache several layers of the model in one cache, e.g. an "
-                       "early one and the last, for the dashboard's layer sweep"),
+                       "early one and the last, for the dashboard's layer sweep")
     build.add_argument("--out", required=True, type=Path, help="cache folder to create (or resume)")
     build.add_argument("--weights", help="weights file (state dict), or 'none' for random weights; default: the "
                        "model's pretrained weights from local files only")
@@ -146,9 +146,9 @@ def run_build(args: argparse.Namespace) -> int:
             print(f"note: {source.spec}: {count} {reason} ({fate})", file=sys.stderr)
         for remark in source.remarks:
             print(f"note: {source.spec}: {remark}", file=sys.stderr)
-    options = BuildOptions(model=args.model, layers=tuple(args.layers or ()), weights=args.weights, image_size=args.image_size,
-                           batch_size=args.batch_size, device=args.device, workers=args.workers,
-                           overwrite=args.overwrite, limit=args.limit, frame=args.frame, index=not args.no_index)
+    options = BuildOptions(model=args.model, layers=tuple(args.layers or ()), weights=args.weights,
+                           image_size=args.image_size, batch_size=args.batch_size, device=args.device,
+                           workers=args.workers, overwrite=args.overwrite, limit=args.limit, frame=args.frame, index=not args.no_index)
     progress = None if args.quiet else _TqdmProgress()
     index_progress = None if args.quiet else _TqdmProgress("indexing", follows=progress)
     try:

@@ -461,7 +461,8 @@ def test_compare_puts_a_multi_layer_caches_other_layer_beside_it(layered):
     assert not at.exception, at.exception
     assert at.selectbox(key="compare-b").value == "layered"
     assert at.selectbox(key="compare-a-layer").value == "late" and at.selectbox(key="compare-b-layer").value == "early"
-    assert "A · layered: synthetic late" in texts(at.subheader) and "B · layered: synthetic early" in texts(at.subheader)
+    headers = texts(at.subheader)
+    assert "A · layered: synthetic late" in headers and "B · layered: synthetic early" in headers
     assert at.query_params["layer_b"] == "early"
     shared = [m.value for m in at.metric][0]
     assert shared.endswith("of 10") and shared != "10 of 10"  # two layers: related, not identical, answers
