@@ -57,9 +57,6 @@ def build_cache_on_ray(sources: list[Source], out: Path, options: BuildOptions, 
     out = Path(out)
     if shard_size <= 0:
         raise BuildError("--shard-size must be a positive number of images")
-    if len(options.layers) > 1:
-        raise BuildError("--ray builds one layer per cache for now: build each --layer as its own cache, or build "
-                         "the layers together without --ray")
     connect(address)  # first: an unreachable cluster is one clear error before any work
     plan = plan_build(sources, options)
     fingerprint = _fingerprint(plan, shard_size)
@@ -173,7 +170,7 @@ def _extract(plan: BuildPlan, out: Path, shards: list[tuple[int, int, int]], fin
 
     def assemble(number: int) -> None:  # as soon as a shard's rows are all written, while the others extract
         lo, hi = spans[number]
-        assembling.append(remote_assemble.remote(str(out), number, lo, hi, fingerprint, plan.grid,
+        assembling.append(remote_assemble.remote(str(out), number, lo, hi, fingerprint, plan.grids,
                                                  plan.framing.mode == "fit",
                                                  [plan.items[i][1].path for i in range(lo, hi)]))
 
@@ -193,7 +190,7 @@ def _extract(plan: BuildPlan, out: Path, shards: list[tuple[int, int, int]], fin
         # 2-core node starts 3 decode workers, not more (each imports torch: seconds of CPU at startup).
         ds = ds.map_batches(_decode, fn_kwargs={"preprocessing": plan.model.preprocessing},
                             batch_size=plan.batch_size, batch_format="numpy", num_cpus=0.5)
-        ds = ds.map_batches(_Extract, fn_constructor_args=(plan.model, plan.layer, plan.grid,
+        ds = ds.map_batches(_Extract, fn_constructor_args=(plan.model, plan.layers, plan.grids,
                                                            plan.framing.mode == "fit", threads),
                             batch_size=plan.batch_size, batch_format="numpy",
                             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 0.4,
@@ -256,11 +253,18 @@ def _decode(batch: dict[str, np.ndarray], preprocessing) -> dict[str, np.ndarray
             "jpeg": np.array(jpegs, dtype=object), "error": np.array(errors, dtype=object)}
 
 
-class _Extract:
-    """The model up to the cached layer, loaded once per actor of the pool: on its GPU in bfloat16, channels-last
-    (as the single-process build), else on the CPU with `threads` threads."""
+def _layer_keys(number: int) -> tuple[str, str]:
+    """The batch and part columns of layer `number`'s bits and norms ("bits", "norms" for the first, as a
+    single-layer build has always written them)."""
+    return ("bits", "norms") if number == 0 else (f"bits_{number}", f"norms_{number}")
 
-    def __init__(self, model, layer: str, grid: tuple[int, int, int], whole_frames: bool, threads: int) -> None:
+
+class _Extract:
+    """The model up to the last cached layer, loaded once per actor of the pool: on its GPU in bfloat16,
+    channels-last (as the single-process build), else on the CPU with `threads` threads."""
+
+    def __init__(self, model, layers: tuple[str, ...], grids: tuple[tuple[int, int, int], ...], whole_frames: bool,
+                 threads: int) -> None:
         import torch
 
         self.torch = torch
@@ -269,31 +273,34 @@ class _Extract:
         if not self.cuda:
             torch.set_num_threads(threads)
         self.prep = model.preprocessing
-        self.extractor = FeatureExtractor(model, layer).to(self.device).eval()
+        self.extractor = FeatureExtractor(model, layers).to(self.device).eval()
         if self.cuda:
             self.extractor = self.extractor.to(memory_format=torch.channels_last)
-        self.grid = grid
+        self.grids = grids
         self.whole_frames = whole_frames
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
         good = np.nonzero(batch["error"] == "")[0]
-        h, w, c = self.grid
-        bits = np.zeros((len(batch["index"]), h, w, c), np.uint16)
-        norms = np.zeros((len(batch["index"]), h, w), np.float32)
+        count = len(batch["index"])
+        arrays = [(np.zeros((count, h, w, c), np.uint16), np.zeros((count, h, w), np.float32))
+                  for h, w, c in self.grids]
         if len(good):
             inputs = torch.stack([self.prep.normalize(batch["pixels"][k]) for k in good]).to(self.device)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
             if self.cuda:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast:
-                maps = self.extractor(inputs).float().permute(0, 2, 3, 1).cpu().numpy()
-            if self.whole_frames:  # padding is no picture: its cells hold zeros and are never matched
-                cells = fmt.content_cells(batch["content"][good], (h, w), self.prep.input_shape)
-                maps *= fmt.content_mask(cells, (h, w))[..., None]
-            bits[good], norms[good] = fmt.encode_features(maps)
-        return {"index": batch["index"], "shard": batch["shard"], "bits": bits, "norms": norms,
-                "content": batch["content"], "jpeg": batch["jpeg"], "error": batch["error"]}
+                outputs = self.extractor.forward_layers(inputs)
+            for output, (h, w, _), (bits, norms) in zip(outputs, self.grids, arrays):
+                maps = output.float().permute(0, 2, 3, 1).cpu().numpy()
+                if self.whole_frames:  # padding is no picture: its cells hold zeros and are never matched
+                    cells = fmt.content_cells(batch["content"][good], (h, w), self.prep.input_shape)
+                    maps *= fmt.content_mask(cells, (h, w))[..., None]
+                bits[good], norms[good] = fmt.encode_features(maps)
+        layers = {key: array for number, pair in enumerate(arrays) for key, array in zip(_layer_keys(number), pair)}
+        return {"index": batch["index"], "shard": batch["shard"], **layers, "content": batch["content"],
+                "jpeg": batch["jpeg"], "error": batch["error"]}
 
 
 def _write_parts(batch: dict[str, np.ndarray], out: str) -> dict[str, np.ndarray]:
@@ -307,9 +314,10 @@ def _write_parts(batch: dict[str, np.ndarray], out: str) -> dict[str, np.ndarray
         name = f"{int(batch['index'][rows[0]]):010d}-{uuid.uuid4().hex[:8]}.npz"
         jpegs = [bytes(batch["jpeg"][k]) for k in rows]
         tmp = parts / f".{name}.tmp"
+        layers = {key: batch[key][rows] for key in batch if key.startswith(("bits", "norms"))}
         with open(tmp, "wb") as fh:
-            np.savez(fh, index=batch["index"][rows].astype(np.int64), bits=batch["bits"][rows],
-                     norms=batch["norms"][rows], content=batch["content"][rows].astype(np.int32),
+            np.savez(fh, index=batch["index"][rows].astype(np.int64), **layers,
+                     content=batch["content"][rows].astype(np.int32),
                      jpeg_sizes=np.array([len(j) for j in jpegs], np.int64),
                      jpegs=np.frombuffer(b"".join(jpegs), np.uint8),
                      errors=np.frombuffer(json.dumps([str(e) for e in batch["error"][rows]]).encode(), np.uint8))
@@ -327,8 +335,8 @@ def _read_parts(parts: Path) -> list[dict[str, Any]]:
             sizes = part["jpeg_sizes"]
             blob = part["jpegs"].tobytes()
             offsets = np.concatenate([[0], np.cumsum(sizes)])
-            loaded.append({"index": part["index"], "bits": part["bits"], "norms": part["norms"],
-                           "content": part["content"],
+            loaded.append({"index": part["index"], "content": part["content"],
+                           **{key: part[key] for key in part.files if key.startswith(("bits", "norms"))},
                            "jpegs": [blob[offsets[k]:offsets[k + 1]] for k in range(len(sizes))],
                            "errors": json.loads(part["errors"].tobytes().decode())})
     return loaded
@@ -348,8 +356,8 @@ def _rows_in_parts(parts: Path) -> set[int]:
     return found
 
 
-def _assemble_shard(out: str, number: int, lo: int, hi: int, fingerprint: str, grid: tuple[int, int, int],
-                    whole_frames: bool, paths: list[str]) -> int:
+def _assemble_shard(out: str, number: int, lo: int, hi: int, fingerprint: str,
+                    grids: tuple[tuple[int, int, int], ...], whole_frames: bool, paths: list[str]) -> int:
     """Parts -> the shard folder: rows in cache order, the skipped ones dropped, images renumbered alike."""
     folder = Path(out) / fmt.shard_dir_name(number)
     parts = folder.with_name(folder.name + "." + PARTS_DIR)
@@ -370,17 +378,20 @@ def _assemble_shard(out: str, number: int, lo: int, hi: int, fingerprint: str, g
             skipped.append({"path": paths[index - lo], "reason": error})
         else:
             kept.append((p, k))
-    h, w, c = grid
-    bits = np.zeros((len(kept), h, w, c), np.uint16)
-    norms = np.zeros((len(kept), h, w), np.float32)
-    frames = np.zeros((len(kept), 4), np.int32) if whole_frames else None
-    for row, (p, k) in enumerate(kept):
-        bits[row], norms[row] = loaded[p]["bits"][k], loaded[p]["norms"][k]
-        if frames is not None:
-            frames[row] = loaded[p]["content"][k]
+    layers = []  # (bits, norms) of each layer, in the shard's row order
+    for layer, (h, w, c) in enumerate(grids):
+        bits_key, norms_key = _layer_keys(layer)
+        bits = np.zeros((len(kept), h, w, c), np.uint16)
+        norms = np.zeros((len(kept), h, w), np.float32)
+        for row, (p, k) in enumerate(kept):
+            bits[row], norms[row] = loaded[p][bits_key][k], loaded[p][norms_key][k]
+        layers.append((bits, norms))
+    frames = np.array([loaded[p]["content"][k] for p, k in kept], np.int32).reshape(-1, 4) if whole_frames else None
     images = [(row, loaded[p]["jpegs"][k]) for row, (p, k) in enumerate(kept)]
+    (bits, norms), *more = layers
     write_shard(folder, bits, norms, frames, images, {"items": [lo, hi], "fingerprint": fingerprint,
-                                                      "skipped": skipped})
+                                                      "skipped": skipped},
+                [(fmt.layer_dir_name(layer), *arrays) for layer, arrays in enumerate(more, start=1)])
     shutil.rmtree(parts, ignore_errors=True)
     return len(kept)
 

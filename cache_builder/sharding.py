@@ -27,16 +27,22 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def write_shard(folder: Path, bits: np.ndarray, sqnorms: np.ndarray, frames: np.ndarray | None,
-                images: Iterable[tuple[int, bytes | Path]], info: dict[str, Any]) -> None:
+                images: Iterable[tuple[int, bytes | Path]], info: dict[str, Any],
+                more_layers: Iterable[tuple[str, np.ndarray, np.ndarray]] = ()) -> None:
     """One complete shard folder at `folder`: arrays, images (local row -> JPEG bytes or a file to copy) and
-    `shard.json` (`info` plus the row count), renamed into place only when everything is written."""
+    `shard.json` (`info` plus the row count), renamed into place only when everything is written. `more_layers`:
+    (layer dir, bits, norms) of a multi-layer cache's further layers."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name, array in ((fmt.FEATURES_FILE, bits), (fmt.SQNORMS_FILE, sqnorms), (fmt.FRAMES_FILE, frames)):
+    arrays = [("", fmt.FEATURES_FILE, bits), ("", fmt.SQNORMS_FILE, sqnorms), ("", fmt.FRAMES_FILE, frames)]
+    for layer_dir, layer_bits, layer_norms in more_layers:
+        (partial / layer_dir).mkdir(parents=True)
+        arrays += [(layer_dir, fmt.FEATURES_FILE, layer_bits), (layer_dir, fmt.SQNORMS_FILE, layer_norms)]
+    for layer_dir, name, array in arrays:
         if array is not None:
-            np.save(partial / name, np.ascontiguousarray(array))
+            np.save(partial / layer_dir / name, np.ascontiguousarray(array))
     for row, image in images:
         target = partial / fmt.image_relpath(row)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,9 +82,6 @@ def split_cache(source: Path, out: Path, shard_size: int = DEFAULT_SHARD_SIZE, i
         raise CacheError("--shard-size must be a positive number of images")
     manifest = fmt.read_manifest(source)
     fmt.check_manifest(manifest, source)
-    if len(manifest.layer_names) > 1:
-        raise CacheError(f"{source} holds {len(manifest.layer_names)} layers; splitting a multi-layer cache into "
-                         "shards is not supported yet: build each layer as its own cache to shard it")
     if out.resolve() == source.resolve():
         raise CacheError("the sharded copy needs its own folder (--out), not the cache it is split from")
     if (out / fmt.MANIFEST_FILE).is_file():
@@ -89,7 +92,7 @@ def split_cache(source: Path, out: Path, shard_size: int = DEFAULT_SHARD_SIZE, i
         raise CacheError(f"{out} is not empty; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     n = manifest.image_count
-    sources = fmt.shard_locations(source, manifest)
+    layers = [manifest.at_layer(name) for name in manifest.layer_names]
     plan = [(number, start, min(n, start + shard_size)) for number, start in enumerate(range(0, n, shard_size))]
     sharded = replace(manifest, status=fmt.STATUS_BUILDING, shards=[
         {"dir": fmt.shard_dir_name(number), "count": stop - start} for number, start, stop in plan])
@@ -99,8 +102,10 @@ def split_cache(source: Path, out: Path, shard_size: int = DEFAULT_SHARD_SIZE, i
         folder = out / fmt.shard_dir_name(number)
         info = read_shard_info(folder)
         if info is None or info.get("ids") != [start, stop] or info.get("origin") != origin:
-            bits, norms, frames, images = _rows(sources, manifest, start, stop)
-            write_shard(folder, bits, norms, frames, images, {"ids": [start, stop], "origin": origin})
+            (bits, norms, frames, images), *more = [_rows(fmt.shard_locations(source, layer), layer, start, stop)
+                                                   for layer in layers]
+            write_shard(folder, bits, norms, frames, images, {"ids": [start, stop], "origin": origin},
+                        [(layer.layer_dir, rows[0], rows[1]) for layer, rows in zip(layers[1:], more)])
         if on_progress is not None:
             on_progress(stop, n)
     shutil.copyfile(source / fmt.METADATA_FILE, out / fmt.METADATA_FILE)
@@ -114,13 +119,14 @@ def split_cache(source: Path, out: Path, shard_size: int = DEFAULT_SHARD_SIZE, i
 
 
 def _rows(locations: list[fmt.ShardLocation], manifest: fmt.Manifest, start: int, stop: int):
-    """Features, norms, frames and image files of ids start..stop-1 of a cache, across its own shards."""
+    """Features and norms (of the manifest's layer), frames and image files of ids start..stop-1 of a cache,
+    across its own shards."""
     bits, norms, frames, images = [], [], [], []
     for location in locations:
         lo, hi = max(start, location.start), min(stop, location.stop)
         if lo >= hi:
             continue
-        features, sqnorms = fmt.open_arrays(location.folder, manifest, location.count)
+        features, sqnorms = fmt.open_arrays(location.arrays, manifest, location.count)
         boxes = fmt.open_frames(location.folder, manifest, location.count)
         bits.append(np.asarray(features[lo - location.start:hi - location.start]))
         norms.append(np.asarray(sqnorms[lo - location.start:hi - location.start]))

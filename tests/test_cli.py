@@ -59,8 +59,6 @@ def test_layers_lists_shapes_and_marks_the_default():
     (["build", "--source", "demo", "--layer", "blocks.66", "--out", "/tmp/vfs-never"], "blocks.6"),
     (["build", "--source", "demo", "--layer", "blocks.6", "--layer", "blocks.6", "--out", "/tmp/vfs-never"],
      "distinct layers"),
-    (["build", "--source", "demo", "--layer", "blocks.6", "--layer", "blocks.2", "--ray", "--out",
-      "/tmp/vfs-never"], "--ray builds one layer"),
     (["build", "--source", "folder:/definitely/missing", "--out", "/tmp/vfs-never"], "not a folder"),
     (["info", "/definitely/missing"], "not a feature cache"),
 ])

@@ -79,6 +79,19 @@ def test_a_ray_build_equals_a_single_process_build(ray_cluster, folder, single, 
     assert cache.first_stage().dims == 128 and len(cache.indexed_shards()) == 3  # the empty shard needs none
 
 
+def test_a_multi_layer_ray_build_equals_a_single_process_one_at_every_layer(ray_cluster, folder, tmp_path):
+    layers = {"layers": ("blocks.6", "blocks.2")}
+    single = tmp_path / "single"
+    build_cache([parse_source(f"folder:{folder}")], single, BuildOptions(**OPTIONS, **layers))
+    out = tmp_path / "ray"
+    manifest = build_cache_on_ray([parse_source(f"folder:{folder}")], out, BuildOptions(**OPTIONS, **layers),
+                                  address=ray_cluster.address, shard_size=8, actors=1)
+    assert manifest.layer_names == ["blocks.6", "blocks.2"] and len(manifest.shards) == 2
+    for layer in manifest.layer_names:
+        assert_same_cache(FeatureCache.open(out, layer), FeatureCache.open(single, layer))
+    assert (out / "shards" / "00001" / "layers" / "01" / fmt.FEATURES_FILE).is_file()
+
+
 def _processes(title: str) -> list[int]:
     """Pids of the processes whose command line holds `title` (Ray names actor processes after their class)."""
     pids = []

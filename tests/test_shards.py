@@ -179,10 +179,18 @@ def test_synthetic_caches_can_be_written_sharded(pair, tmp_path):
                                   search(single, mode="exact").hits.drop(columns=["path", "group", "half"]))
 
 
-def test_a_multi_layer_cache_is_not_split_silently_without_its_other_layers(tmp_path):
+def test_a_multi_layer_cache_splits_into_shards_of_every_layer(tmp_path):
     rng = np.random.default_rng(0)
-    write_array_cache(tmp_path / "layered", rng.random((6, 2, 2, 4), np.float32), layer="late",
-                      more_layers={"early": rng.random((6, 4, 4, 4), np.float32)})
-    with pytest.raises(CacheError, match="holds 2 layers; splitting a multi-layer cache"):
-        split_cache(tmp_path / "layered", tmp_path / "sharded", 3)
-    assert not (tmp_path / "sharded").exists()
+    late, early = rng.random((7, 2, 2, 4), np.float32), rng.random((7, 4, 4, 8), np.float32)
+    write_array_cache(tmp_path / "layered", late, layer="late", more_layers={"early": early})
+    split_cache(tmp_path / "layered", tmp_path / "sharded", 3)
+    for layer, features in (("late", late), ("early", early)):
+        single, sharded = FeatureCache.open(tmp_path / "layered", layer), FeatureCache.open(tmp_path / "sharded", layer)
+        assert len(sharded.shards) == 3 and sharded.grid == single.grid
+        for image_id in range(7):
+            assert np.array_equal(sharded.image_features(image_id), single.image_features(image_id))
+        assert all(shard.first_stage().codes.shape[1:3] == single.grid for shard in sharded.shards)  # indexed
+        assert sharded.shards[1].location.arrays == tmp_path / "sharded" / "shards" / "00001" / (
+            "" if layer == "late" else "layers/01")
+        single.metadata.close()
+        sharded.metadata.close()
