@@ -18,7 +18,7 @@ COLUMNS_PER_ROW = 6
 access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
 st.title("Dataset")
 link, new_link = link_once(st.session_state, "dataset-link", st.query_params)
-entry, cache = widgets.open_cache_ui(link.state.cache, key="dataset-cache")
+entry, cache = widgets.open_cache_ui(link.state.cache, key="dataset-cache", pick_layer=False)  # metadata only
 store = cache.metadata
 for note in (link.problems + store.absent_filter_values(link.state.flt)) if new_link else []:
     st.warning(note)

@@ -476,3 +476,40 @@ def test_clear_region_stops_the_search_until_a_new_region(caches):
     assert "Highlight a region" in texts(at.info) and "region" not in at.query_params
     at.button(key="suggestion-1").click().run()
     assert "Searched 39 of 40 images" in texts(at.caption)
+
+
+def test_an_upload_in_the_layers_view_is_encoded_at_every_layer(layered, monkeypatch):
+    from dashboard.feature_cache import FeatureCache
+
+    seen = []
+
+    def encode(cache_path, data, name, max_bytes, layer=None):  # the real upload checks, a stand-in model
+        read_upload(data, name=name, max_bytes=max_bytes)
+        seen.append(layer)
+        cache = FeatureCache.open(cache_path, layer)
+        features = cache.image_features(9)  # as if the upload were image 9: each layer's own features
+        cache.metadata.close()
+        return EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, *features.shape[:2]))
+
+    monkeypatch.setattr(resources, "encode_upload", encode)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 40), "green").save(buffer, format="PNG")
+    at = page("pages/search.py", cache="layered", view="layers")
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
+    at.run()
+    at.radio(key="query-source").set_value("Upload an image").run()
+    at.file_uploader(key="upload").upload("photo.png", buffer.getvalue(), "image/png").run()
+    assert not at.exception, at.exception
+    assert {"late", "early"} <= set(seen)  # encoded by the model at each layer
+    assert [b.key for b in at.button if b.key and b.key.startswith("layer-row-")] == ["layer-row-late",
+                                                                                     "layer-row-early"]
+    captions = [c.value for c in at.caption]
+    assert captions.count("1.000") == 2  # each layer finds image 9 itself: its own features at that layer
+    assert not any("share the query's label" in c for c in captions)  # an upload has no label to compare
+
+
+def test_the_dataset_page_of_a_multi_layer_cache_asks_for_no_layer(layered):
+    at = page("pages/dataset.py", cache="layered").run()
+    assert not at.exception
+    assert "Cache" in [s.label for s in at.selectbox] and "Layer" not in [s.label for s in at.selectbox]
+    assert "synthetic 2 layers · 40 images" in texts(at.caption)

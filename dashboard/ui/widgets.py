@@ -21,14 +21,16 @@ REGION_OVERRIDE_KEY = "region_override"  # grid weights that replace the canvas:
 
 
 def open_cache_ui(default: str | None, key: str, label: str = "Cache", report_skipped: bool = True,
-                  layer: str | None = None, layer_key: str | None = None) -> tuple[catalog.CacheEntry, FeatureCache]:
+                  layer: str | None = None, layer_key: str | None = None,
+                  pick_layer: bool = True) -> tuple[catalog.CacheEntry, FeatureCache]:
     """Sidebar cache choice (and layer choice under `layer_key`, for a cache of several layers, `layer`
-    preselected), opened; stops the page with a message when there is nothing usable to open."""
+    preselected; none where the page does not search: `pick_layer` False), opened; stops the page with a message
+    when there is nothing usable to open."""
     with st.sidebar:
         entry = cache_picker_ui(catalog.find_caches(caches_root()), default, key, label, report_skipped)
         if entry is None:
             st.stop()
-        chosen = layer_picker_ui(entry.manifest, layer, layer_key or f"{key}-layer")
+        chosen = layer_picker_ui(entry.manifest, layer, layer_key or f"{key}-layer") if pick_layer else None
     try:
         return entry, load_cache(entry.path, chosen)
     except CacheError as exc:
