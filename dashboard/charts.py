@@ -44,6 +44,12 @@ def paired_bars(frame: pd.DataFrame, pair: tuple[str, str], names: tuple[str, st
     return _shorten_categories(figure, long["value"].unique())
 
 
+def composition_bars(shares: pd.DataFrame, column: str, title: str, height: int | None = None) -> Figure:
+    """`analysis.composition`: each value's share among the top hits beside its share of the searched images."""
+    return paired_bars(shares, ("hits_share", "searched_share"), ("top hits", "searched images"), "share of images",
+                       column, title, height)
+
+
 def score_histogram(distribution: pd.DataFrame, column: str, title: str) -> Figure:
     figure = px.histogram(distribution, x="score", color="group", barmode="overlay", histnorm="probability",
                           nbins=40, title=title, opacity=0.65, color_discrete_sequence=PALETTE,

@@ -22,11 +22,14 @@ from dashboard.search import SearchRequest, SearchResult
 
 @dataclass(frozen=True)
 class LayerAnswer:
-    """One row of the sweep: a layer, the search made at it and its answer."""
+    """One row of the sweep: the search made at a layer and its answer."""
 
-    layer: str
     request: SearchRequest
     result: SearchResult
+
+    @property
+    def layer(self) -> str:
+        return self.request.cache.layer
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -76,7 +76,7 @@ for side, (entry, cache) in sides.items():
     try:
         query = ({"image_id": image_id, "exclude_query": True} if image_id is not None else
                  {"features": encoded[side].features, "content": encoded[side].content})
-        weights = geometry.resample_region(geometry.mask_to_grid(drawn, cache_a.grid), cache.image_size, cache.grid)
+        weights = geometry.resample_region(drawn, cache.image_size, cache.grid)  # drawn on A's grid
         request = SearchRequest(cache=cache, weights=weights, k=int(k), **query)
         results[side] = resources.run_search(request).hits
     except QueryError as exc:

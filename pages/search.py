@@ -21,8 +21,6 @@ from dashboard.ui import access, resources, widgets
 HITS_PER_ROW = 5
 LAYER_HITS = 6  # hits shown per row of the Layers view (the table and CSV hold all k)
 LAYER_CHART_HEIGHT = 260
-NO_GROUPS = ("No metadata column has between 2 and 60 values to group the hits by (e.g. no domain column in this "
-             "cache), so there are no composition charts.")
 CONTEXT_COLUMNS = ("domain", "location", "split")  # shown under each image, after the manifest's label column
 
 access.access_gate_ui()  # also here: Streamlit can serve a file of pages/ directly, bypassing app.py
@@ -135,7 +133,7 @@ try:
         layer_caches = [resources.load_cache(entry.path, layer_name) for layer_name in cache.layers]
         uploads = None if features is None else {
             c.layer: e for c, e in zip(layer_caches, widgets.encoded_upload_ui(layer_caches, data, name))}
-        answers = [layer_sweep.LayerAnswer(r.cache.layer, r, resources.run_search(r))
+        answers = [layer_sweep.LayerAnswer(r, resources.run_search(r))
                    for r in layer_sweep.sweep_requests(request, layer_caches, uploads)]
     else:
         result = resources.run_search(request)
@@ -151,20 +149,15 @@ if view == "layers":
     st.caption("The same region searched at each layer of the cache (resampled to its grid), with the same "
                "options. Early layers tend to match texture and colour, late ones objects. Open a row to see "
                "that layer's hits and charts.")
-    group_options = analysis.group_columns(store.chartable_columns(), store.distinct_counts)
-    by = None
-    if group_options:
-        default = analysis.default_group_column(group_options, cache.label_column)
-        by = st.selectbox("Composition by", group_options, index=group_options.index(default), key="layers-by")
-    else:
-        st.caption(NO_GROUPS)
+    by = widgets.group_by_ui(analysis.group_columns(store.chartable_columns(), store.distinct_counts),
+                             cache.label_column, "Composition by", key="layers-by")
+    query_label = row[cache.label_column] if row is not None and cache.label_column else None
     for answer in answers:
         info, pictures, chart = st.columns([2, 7, 3])
         h, w, c = answer.grid
         info.markdown(f"**{answer.layer}**  \n{h}x{w} cells, {c} channels")
         info.caption(f"{answer.result.elapsed_s * 1000:.0f} ms · {answer.result.mode.mode}")
-        verdict = layer_sweep.label_share(answer.result.hits, cache.label_column,
-                                     row[cache.label_column] if row is not None and cache.label_column else None)
+        verdict = layer_sweep.label_share(answer.result.hits, cache.label_column, query_label)
         if verdict:
             info.caption(verdict)
         info.button("Open this layer", key=f"layer-row-{answer.layer}", on_click=session.open_layer,
@@ -177,10 +170,8 @@ if view == "layers":
             cell.caption(f"{hit['score']:.3f}")
         if by is not None:
             shares = analysis.composition(answer.result.hits, answer.result.searched, by)
-            chart.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"),
-                                                  ("top hits", "searched images"), "share of images", by,
-                                                  f"{answer.layer}: top {len(answer.result.hits)} by {by}",
-                                                  height=LAYER_CHART_HEIGHT),
+            chart.plotly_chart(charts.composition_bars(shares, by, f"{answer.layer}: top {len(answer.result.hits)} "
+                                                       f"by {by}", height=LAYER_CHART_HEIGHT),
                                width="stretch", key=f"layer-chart-{answer.layer}")
     st.download_button("Download every layer's hits (CSV)", export.to_csv(layer_sweep.sweep_table(answers)),
                        file_name=f"{entry.name}-layers.csv", mime="text/csv", key="download-layers-csv")
@@ -218,35 +209,28 @@ st.subheader("Hits by metadata")
 searched = result.searched
 label = cache.label_column
 group_options = analysis.group_columns(store.chartable_columns(), store.distinct_counts)
-by = None
-if group_options:
-    default = analysis.default_group_column(group_options, label)
-    by = st.selectbox("Group by", group_options, index=group_options.index(default), key="chart-column")
-else:
-    st.caption(NO_GROUPS)
+by = widgets.group_by_ui(group_options, label, "Group by", key="chart-column")
 left, right = st.columns(2)
 if by is not None:
     shares = analysis.composition(hits, searched, by)
-    left.plotly_chart(charts.paired_bars(shares, ("hits_share", "searched_share"), ("top hits", "searched images"),
-                                         "share of images", by,
-                                         f"Top-{len(hits)} composition by {by} vs the searched set"),
+    left.plotly_chart(charts.composition_bars(shares, by, f"Top-{len(hits)} composition by {by} vs the searched set"),
                       width="stretch")
     distribution = analysis.score_distribution(result.scores, searched, by)
     right.plotly_chart(charts.score_histogram(
         distribution, by, f"{result.scores_label} of all {result.searched_count:,} searched images by {by}"),
         width="stretch")
 if row is not None and label is not None:
-    view = analysis.label_view(hits, row[label], label, label in group_options)
-    if view.summary is None:
+    labels = analysis.label_view(hits, row[label], label, label in group_options)
+    if labels.summary is None:
         st.caption(f"The query image has no {label}: no label agreement to show.")
-    elif view.by_domain:  # a bar per domain says whether it holds in each
+    elif labels.by_domain:  # a bar per domain says whether it holds in each
         agreement = analysis.label_agreement(hits, row[label], label, "domain")
         left.plotly_chart(charts.agreement_bars(
             agreement, f"Hits with the query's {label} ({format_value(row[label])}), by domain"), width="stretch")
     else:  # one domain: a line says it; many classes: which labels the hits carry
-        st.caption(view.summary + (" (the hits come from one domain, or the cache has none)" if view.one_domain
-                                   else ""))
-        if view.counts:
+        st.caption(labels.summary + (" (the hits come from one domain, or the cache has none)" if labels.one_domain
+                                     else ""))
+        if labels.counts:
             left.plotly_chart(charts.count_bars(analysis.value_counts(hits, label, limit=15), label,
                                                 f"The top hits' {label}s"), width="stretch")
 for list_column in [c for c in store.columns if store.is_list(c)]:

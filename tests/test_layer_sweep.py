@@ -40,7 +40,7 @@ def test_the_region_is_resampled_to_each_layers_grid_and_the_rest_of_the_request
 def test_each_row_answers_as_a_search_made_at_that_layer_and_the_table_holds_them_all(two_layers):
     late, early = two_layers
     request = SearchRequest(cache=late, weights=REGION, image_id=4, k=5, exclude_query=True)
-    answers = [layer_sweep.LayerAnswer(r.cache.layer, r, search_regions(r))
+    answers = [layer_sweep.LayerAnswer(r, search_regions(r))
                for r in layer_sweep.sweep_requests(request, [late, early])]
     assert [a.grid for a in answers] == [(5, 6, 16), (10, 12, 8)]
     table = layer_sweep.sweep_table(answers)

@@ -52,12 +52,16 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def upload_query(at: AppTest, source_key: str, uploader_key: str) -> None:
-    """Switch the page's query to an upload and upload a small green PNG."""
+def searched_upload(path: str, source_key: str, uploader_key: str, **params: str) -> AppTest:
+    """The page with the test region, its query switched to an upload of a small green PNG."""
+    at = page(path, **params)
+    at.session_state[REGION_OVERRIDE_KEY] = REGION
+    at.run()
     buffer = io.BytesIO()
     Image.new("RGB", (64, 40), "green").save(buffer, format="PNG")
     at.radio(key=source_key).set_value("Upload an image").run()
     at.file_uploader(key=uploader_key).upload("photo.png", buffer.getvalue(), "image/png").run()
+    return at
 
 
 def test_the_first_view_already_answers_with_a_suggested_region(caches, small_cache):
@@ -163,10 +167,7 @@ def test_an_uploaded_image_is_searched(caches, monkeypatch):
     features = np.random.default_rng(3).random((5, 6, 16)).astype(np.float32)
     encoded = EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, 5, 6))
     monkeypatch.setattr(resources, "encode_upload", lambda *a: encoded)
-    at = page("pages/search.py")
-    at.session_state[REGION_OVERRIDE_KEY] = REGION
-    at.run()
-    upload_query(at, "query-source", "upload")
+    at = searched_upload("pages/search.py", "query-source", "upload")
     assert not at.exception
     assert "Searched 40 of 40 images" in texts(at.caption)
 
@@ -218,10 +219,7 @@ def test_compare_searches_an_upload_encoded_by_each_cache(caches, small_cache, m
         return EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, 5, 6))
 
     monkeypatch.setattr(resources, "encode_upload", encode)
-    at = page("pages/compare.py", a="tiny", b="tiny-copy")
-    at.session_state[REGION_OVERRIDE_KEY] = REGION
-    at.run()
-    upload_query(at, "compare-source", "compare-upload")
+    at = searched_upload("pages/compare.py", "compare-source", "compare-upload", a="tiny", b="tiny-copy")
     assert not at.exception, at.exception
     assert {"tiny", "tiny-copy"} <= set(seen)  # encoded by each cache's own model
     assert "10 of 10" in texts(at.metric)  # identical caches: identical hits, the query image not excluded
@@ -494,10 +492,7 @@ def test_an_upload_in_the_layers_view_is_encoded_at_every_layer(layered, monkeyp
         return EncodedImage(Image.new("RGB", (48, 48)), features, (0, 0, *features.shape[:2]))
 
     monkeypatch.setattr(resources, "encode_upload", encode)
-    at = page("pages/search.py", cache="layered", view="layers")
-    at.session_state[REGION_OVERRIDE_KEY] = REGION
-    at.run()
-    upload_query(at, "query-source", "upload")
+    at = searched_upload("pages/search.py", "query-source", "upload", cache="layered", view="layers")
     assert not at.exception, at.exception
     assert {"late", "early"} <= set(seen)  # encoded by the model at each layer
     assert [b.key for b in at.button if b.key and b.key.startswith("layer-row-")] == ["layer-row-late",

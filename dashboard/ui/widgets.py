@@ -8,7 +8,7 @@ from PIL import Image
 
 from cache_builder import cache_format as fmt
 from cache_builder.cache_format import CacheError
-from dashboard import catalog, geometry
+from dashboard import analysis, catalog, geometry
 from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import MetadataFilter, MetadataStore
 from dashboard.query_encoder import EncodedImage
@@ -73,6 +73,20 @@ def cache_picker_ui(entries: list[catalog.CacheEntry], default: str | None, key:
         f"({h}x{w}x{c})"
     st.caption(f"{manifest.model} {layers} · {manifest.image_count:,} images")
     return usable[names.index(name)]
+
+
+NO_GROUPS = ("No metadata column has between 2 and 60 values to group the hits by (e.g. no domain column in this "
+             "cache), so there are no composition charts.")
+
+
+def group_by_ui(options: list[str], label_column: str | None, title: str, key: str) -> str | None:
+    """The column to chart the hits by, defaulting as `analysis.default_group_column` says; None, with a line
+    saying why, when no column has enough values to group by."""
+    if not options:
+        st.caption(NO_GROUPS)
+        return None
+    default = analysis.default_group_column(options, label_column)
+    return st.selectbox(title, options, index=options.index(default), key=key)
 
 
 def upload_ui(key: str, hint: str) -> tuple[bytes, str]:
