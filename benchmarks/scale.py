@@ -7,7 +7,9 @@
 Per cache and mask size (1 cell, 3x3, whole grid; centred, query images drawn at random):
 - median and p95 latency of the two-tier search (`dashboard.two_tier`: first stage over the 4-bit index, exact
   rerank of its best 0.5% (the default), and of its best 0.25%), measured in a fresh child process whose resident
-  memory (smaps_rollup, between queries: the index, the last rerank's rows, Python) is reported too;
+  memory (smaps_rollup, between queries: the index, the last rerank's rows, Python) is reported too; before each
+  query the features are dropped from the page cache, so every rerank reads its rows from the disk (the worst
+  case: the index and the norms stay in RAM);
 - the exact scan's latency (a few queries: at this size it reads the cache from disk);
 - recall@10 and recall@100 of the two tiers against the exact top-k (exact top-k of every query computed in one
   chunked pass over the cache);
@@ -163,6 +165,7 @@ def approx_child(path: str, depths: list[int], conn) -> None:
     results, peak = [], {}
     for depth in depths:
         for name, image_id, query in queries:
+            drop_from_page_cache(cache.path / fmt.FEATURES_FILE)  # untimed: every rerank reads its rows from disk
             started = time.perf_counter()
             top = two_tier.approx_top(cache, query, None, depth, 100)
             results.append((depth, name, time.perf_counter() - started, top.tolist()))
@@ -179,6 +182,17 @@ def memory_status() -> dict[str, int]:
     values = {key: int(value.split()[0]) * 1024 for key, value in fields if value.strip().endswith("kB")}
     return {"Rss": values.get("Rss", 0), "Anonymous": values.get("Anonymous", 0),
             "File": values.get("Rss", 0) - values.get("Anonymous", 0)}
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a file's pages from the OS page cache (those no process maps), so the next reads of it hit the disk:
+    without it, a query's rerank finds rows that the exact pass or an earlier query with a similar shortlist left
+    in RAM (the same query at a smaller rerank depth finds all of them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def disk_read_speed(path: Path, nbytes: int = 256 << 20) -> float:

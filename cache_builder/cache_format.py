@@ -580,14 +580,21 @@ def advise_will_need(array: np.ndarray, ids: np.ndarray) -> None:
     _advise_rows(array, ids, _MADV_WILLNEED)
 
 
+FAULT_AROUND_BYTES = 64 << 10  # Linux's default fault_around_bytes
+
+
 def advise_done_with(array: np.ndarray, ids: np.ndarray) -> None:
     """Unmap the rows `ids` of a read-only memory map from this process: the OS keeps them in its page cache (a
     later touch, by any thread, maps them again: always safe on a read-only map), but they stop counting as this
-    process's resident memory."""
-    _advise_rows(array, ids, _MADV_DONTNEED)
+    process's resident memory.
+
+    Each row is unmapped with the aligned FAULT_AROUND_BYTES around it: a fault maps the cached pages of that
+    whole window, neighbouring rows' included, and unmapping only the rows' own pages left ~0.2 GiB mapped per
+    5,000-row rerank on the 1M-image benchmark cache, 4.6 GiB after 72 queries."""
+    _advise_rows(array, ids, _MADV_DONTNEED, FAULT_AROUND_BYTES)
 
 
-def _advise_rows(array: np.ndarray, ids: np.ndarray, advice: int) -> None:
+def _advise_rows(array: np.ndarray, ids: np.ndarray, advice: int, align: int | None = None) -> None:
     madvise = _madvise()
     ids = np.asarray(ids, dtype=np.int64)
     if madvise is None or not isinstance(array, np.memmap) or len(ids) == 0:
@@ -596,6 +603,11 @@ def _advise_rows(array: np.ndarray, ids: np.ndarray, advice: int) -> None:
     row = array.strides[0]
     starts = array.ctypes.data + ids * row
     ends = starts + row
+    if align:  # widened to whole aligned windows, kept inside the array's own pages
+        first = array.ctypes.data - array.ctypes.data % page
+        last = array.ctypes.data + array.nbytes
+        starts = np.maximum(starts - starts % align, first)
+        ends = np.minimum(ends + (-ends) % align, last)
     starts -= starts % page
     gaps = np.nonzero(starts[1:] > ends[:-1])[0]  # runs of rows that touch or overlap become one call
     for start, end in zip(starts[np.r_[0, gaps + 1]], ends[np.r_[gaps, len(ids) - 1]]):

@@ -100,3 +100,8 @@ def test_rows_to_be_reranked_are_requested_from_the_os_in_page_aligned_runs(tmp_
     assert calls == []
     fmt.advise_done_with(rows, np.array([50]))
     assert len(calls) == 1 and calls[0][2] == 4  # MADV_DONTNEED: unmapped here, kept in the page cache
+    start, length, _ = calls[0]  # with the fault-around window a touch of row 50 may have mapped around it
+    window = fmt.FAULT_AROUND_BYTES
+    assert start == max(base - base % page, (base + 50_000) // window * window)
+    assert start + length >= min(base + 100_000, -(-(base + 51_000) // window) * window)
+    assert start >= base - base % page and start + length <= base + 100_000 + page  # never beyond the array

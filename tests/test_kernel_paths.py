@@ -28,8 +28,9 @@ ISA = {"avx512-bf16": 2, "avx2": 1, "neon": 3, "portable": 0}
 SHAPES = [(7, (5, 6), 16, "cell"), (6, (4, 5), 37, "box"), (5, (3, 4), 24, "full"), (6, (5, 6), 40, "soft"),
           (4, (7, 7), 112, "box"), (5, (3, 3), 3, "soft"), (6, (6, 4), 48, "holes")]
 # 4-bit first-stage codes: (images, grid, values per cell, mask), odd and even numbers of 16-byte groups per run
+# ("largest": every level 15 and every query value +127 over one long run, the most any integer sum can hold)
 CODE_SHAPES = [(7, (5, 6), 32, "cell"), (6, (4, 5), 64, "box"), (5, (3, 4), 96, "full"), (6, (7, 7), 128, "soft"),
-               (5, (4, 4), 32, "holes"), (4, (5, 5), 160, "box")]
+               (5, (4, 4), 32, "holes"), (4, (5, 5), 160, "box"), (3, (5, 5), 160, "largest")]
 CODE_CHUNKS = (16, 32, 64)  # packed bytes each path reads at a time: portable and NEON, AVX2, AVX-512
 
 
@@ -37,7 +38,7 @@ def case_mask(rng, grid_h: int, grid_w: int, kind: str) -> np.ndarray:
     mask = np.zeros((grid_h, grid_w), dtype=np.float32)
     if kind == "cell":
         mask[grid_h // 2, grid_w // 2] = 1
-    elif kind == "full":
+    elif kind in ("full", "largest"):
         mask[:] = 1
     elif kind == "holes":
         mask[1, [0, 3]] = 1
@@ -101,7 +102,10 @@ def write_cases(path: Path, seed: int = 0, code_shapes=CODE_SHAPES) -> None:
             stored = rng.integers(0, 16, size=(n, grid_h, grid_w, dims), dtype=np.uint8)
             sqnorms = rng.uniform(0.5, 4, size=(n, grid_h, grid_w)).astype(np.float32)
             mask = case_mask(rng, grid_h, grid_w, kind)
-            query = RegionQuery.from_grid_mask(rng.normal(size=(grid_h, grid_w, dims)).astype(np.float32), mask)
+            values = rng.normal(size=(grid_h, grid_w, dims)).astype(np.float32)
+            if kind == "largest":
+                stored[:], values[:] = 15, 1.0
+            query = RegionQuery.from_grid_mask(values, mask)
             share = float(rng.normal())
             natural = KernelQuery.for_codes(query.features, query.weights, query.grid, query.norm, share, 16)
             expected = code_contract_scores(natural, stored, sqnorms)  # 16-byte chunks: values in order
