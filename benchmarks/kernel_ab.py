@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cache_builder.cache_format import encode_features  # noqa: E402
 from dashboard import two_tier  # noqa: E402
+from dashboard.scoring import code_query  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
 from dashboard.scoring import kernel as kernel_module  # noqa: E402
 from dashboard.scoring.kernel import VARIANTS, KernelQuery, KernelUnavailable, cpu_flags  # noqa: E402
@@ -34,10 +35,16 @@ from codes_kernel import random_index  # noqa: E402
 
 
 def load(source: Path, variant: str) -> kernel_module.SearchKernel:
-    """The kernel built from `source` (cached by its content like the app's own build)."""
+    """The kernel built from `source` (cached by its content like the app's own build); the module is left
+    building its own source again."""
+    shipped = kernel_module.SOURCE
     kernel_module.SOURCE = source
     kernel_module._LOADED.pop(variant, None)
-    return kernel_module.load_kernel(variant)
+    try:
+        return kernel_module.load_kernel(variant)
+    finally:
+        kernel_module.SOURCE = shipped
+        kernel_module._LOADED.pop(variant, None)
 
 
 def best_path() -> str:
@@ -109,12 +116,7 @@ def main() -> int:
         regions = [RegionQuery.from_grid_mask(rng.standard_normal((*grid, channels)).astype(np.float32), mask)
                    for _ in range(args.queries)]
         exact_queries = [KernelQuery.build(r.features, r.weights, r.grid, r.norm) for r in regions]
-        code_queries = []
-        for region in regions:
-            projected = (region.features @ index.basis).astype(np.float32)
-            share = float(np.sum(region.weights.astype(np.float64)[..., None] ** 2 * projected * index.means))
-            code_queries.append(KernelQuery.for_codes(projected * index.steps, region.weights, region.grid,
-                                                      region.norm, share, kernels[0].code_chunk_bytes))
+        code_queries = [code_query(index, region, kernels[0].code_chunk_bytes) for region in regions]
         for stage, run, queries in (("exact", exact, exact_queries), ("first stage", first_stage, code_queries)):
             a, b, largest = timed_pairs(kernels, run, queries)
             same = "same scores" if largest <= 1e-5 else f"SCORES DIFFER by up to {largest:.2g}"

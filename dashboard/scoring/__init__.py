@@ -32,8 +32,8 @@ from dashboard.scoring.kernel import KernelQuery
 from dashboard.scoring.native import NativeScorer
 from dashboard.scoring.torch_path import TorchScorer
 
-__all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "engine_status", "get_scorer",
-           "prepare", "runnable_scorers", "score_codes", "score_windows", "window_score_maps"]
+__all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "code_query", "engine_status",
+           "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_windows", "window_score_maps"]
 
 SCORERS: dict[str, Scorer] = {
     "native": NativeScorer(None, "native kernel, the best path of this CPU"),
@@ -130,18 +130,14 @@ def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQu
     the exact ones. The native kernel unpacks the codes image by image and takes integer dot products with the
     query quantised to int8 (each dimension's step folded in, its mean in one offset): every native path gives the
     same numbers. Other backends score decoded chunks (rounded to bfloat16)."""
-    projected = (query.features @ index.basis).astype(np.float32)
     scorer = get_scorer(backend)
     if ids is not None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         check_ids(ids, index.codes.shape[0])
     all_ids = np.arange(index.codes.shape[0], dtype=np.int64) if ids is None else ids
     if isinstance(scorer, NativeScorer):
-        weights_sq = query.weights.astype(np.float64)[..., None] ** 2
-        means_share = float(np.sum(weights_sq * projected * index.means))
         kernel = scorer.kernel()
-        prepared = KernelQuery.for_codes(projected * index.steps, query.weights, query.grid, query.norm,
-                                         means_share, kernel.code_chunk_bytes)
+        prepared = code_query(index, query, kernel.code_chunk_bytes)
         scores, windows, _ = kernel.score_codes(prepared, index.codes, np.asarray(sqnorms), ids)
         return WindowScores(all_ids, scores, windows.astype(np.int64), prepared.out_w)
     small = query.projected(index.basis)
@@ -157,6 +153,16 @@ def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQu
                                            np.ascontiguousarray(sqnorms[chunk]), None)
         scores[start:start + len(chunk)], positions[start:start + len(chunk)] = part
     return WindowScores(all_ids, scores, positions, prepared_small.out_w)
+
+
+def code_query(index: fmt.FirstStageIndex, query: RegionQuery, chunk_bytes: int) -> KernelQuery:
+    """`query` laid out for the native kernel's first stage over `index` (`vfs_score_codes`): projected on the
+    basis, each dimension's step folded into the values and the quantiser's means into one offset."""
+    projected = (query.features @ index.basis).astype(np.float32)
+    weights_sq = query.weights.astype(np.float64)[..., None] ** 2
+    means_share = float(np.sum(weights_sq * projected * index.means))
+    return KernelQuery.for_codes(projected * index.steps, query.weights, query.grid, query.norm, means_share,
+                                 chunk_bytes)
 
 
 MIN_PICTURE_SHARE = 0.5  # a window must hold at least this share of the region's weight on the picture
