@@ -4,7 +4,7 @@ Each `ShardServer` actor memory-maps one shard of the cache (the cache folder mu
 and answers the four shard calls of `dashboard.shards` with the same kernel and first-stage index as a local
 search. `RayShards` is the `ShardSearch` that asks them: the driver (the app, the CLI) keeps the metadata, the
 filters, the shortlist and the ranking, so hits, scores and charts are the ones a local search of the same cache
-gives. Actors are spread over the nodes (`SPREAD`), hold no CPU reservation (a shard server is idle between
+gives. Actors are spread over the nodes (shard i on alive node i mod n), hold no CPU reservation (a shard server is idle between
 queries; the kernel uses the node's cores while it scores), and are replaced when one dies: the call it was
 answering is asked once more of its replacement, then the search fails with a message naming the shard.
 
@@ -83,7 +83,15 @@ class RayShards(ShardSearch):
                       for number, actor in self.actors.items()}
 
     def _start(self, number: int):
-        return self._remote.options(num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD").remote(
+        """Shard `number`'s actor, on the alive nodes in turn (shard i on node i mod n, sorted by id; soft, so a
+        node gone since is passed over): Ray's own SPREAD is best-effort, and once put all four test shards on one
+        node of two on a slow machine."""
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+        strategy = (NodeAffinitySchedulingStrategy(nodes[number % len(nodes)], soft=True) if nodes else "SPREAD")
+        return self._remote.options(num_cpus=0, max_restarts=0, scheduling_strategy=strategy).remote(
             self.cache_path, number, self.layer, self.faults)
 
     def _answer(self, number: int, pending, again):
