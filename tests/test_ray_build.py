@@ -122,9 +122,11 @@ def test_a_model_actor_killed_mid_build_still_gives_the_same_cache(ray_cluster, 
 
 
 def test_a_driver_killed_mid_build_resumes_and_keeps_the_finished_shards(ray_cluster, tmp_path):
-    args = [sys.executable, "-m", "cache_builder", "build", "--source", "demo", "--demo-size", "40",
+    # 16 images in 4 shards, one model actor: most of the time goes to starting Ray Data's workers, and after the
+    # first shard three more batches are left, seconds of work, for the kill to land in
+    args = [sys.executable, "-m", "cache_builder", "build", "--source", "demo", "--demo-size", "16",
             "--image-size", "64", "--batch-size", "4", "--no-index", "--quiet", "--ray", ray_cluster.address,
-            "--shard-size", "4", "--out", str(tmp_path / "killed")]
+            "--shard-size", "4", "--actors", "1", "--out", str(tmp_path / "killed")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_shard = tmp_path / "killed" / "shards" / "00000"
@@ -146,7 +148,7 @@ def test_a_driver_killed_mid_build_resumes_and_keeps_the_finished_shards(ray_clu
     assert kept.stat().st_mtime_ns == written  # a finished shard is not redone
     resumed = FeatureCache.open(tmp_path / "killed")
     reference = tmp_path / "single"
-    build_cache([parse_source("demo", SourceOptions(demo_size=40))], reference, BuildOptions(**OPTIONS))
+    build_cache([parse_source("demo", SourceOptions(demo_size=16))], reference, BuildOptions(**OPTIONS))
     assert_same_cache(resumed, FeatureCache.open(reference))
     assert parts or read_shard_info(first_shard) is not None
 
