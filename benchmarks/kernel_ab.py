@@ -2,7 +2,8 @@
 
     git show HEAD~1:dashboard/scoring/kernel.c > /tmp/before.c
     .venv/bin/python benchmarks/kernel_ab.py /tmp/before.c dashboard/scoring/kernel.c
-    .venv/bin/python benchmarks/kernel_ab.py /tmp/before.c dashboard/scoring/kernel.c --path avx2 --grid 14 14 --channels 112
+    .venv/bin/python benchmarks/kernel_ab.py /tmp/before.c dashboard/scoring/kernel.c --path avx2 \
+        --grid 14 14 --channels 112
 
 On a shared VM the memory bandwidth of two runs minutes apart can differ by 1.5x, more than most kernel changes
 are worth. Here both builds are loaded side by side and every query is run by both, in alternating order, on the
@@ -27,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from cache_builder.cache_format import encode_features  # noqa: E402
 from dashboard import two_tier  # noqa: E402
-from dashboard.scoring import code_query  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
+from dashboard.scoring import code_query  # noqa: E402
 from dashboard.scoring import kernel as kernel_module  # noqa: E402
 from dashboard.scoring.kernel import VARIANTS, KernelQuery, KernelUnavailable, cpu_flags  # noqa: E402
 from codes_kernel import random_index  # noqa: E402

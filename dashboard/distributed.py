@@ -4,9 +4,10 @@ Each `ShardServer` actor memory-maps one shard of the cache (the cache folder mu
 and answers the four shard calls of `dashboard.shards` with the same kernel and first-stage index as a local
 search. `RayShards` is the `ShardSearch` that asks them: the driver (the app, the CLI) keeps the metadata, the
 filters, the shortlist and the ranking, so hits, scores and charts are the ones a local search of the same cache
-gives. Actors are spread over the nodes (shard i on alive node i mod n), hold no CPU reservation (a shard server is idle between
-queries; the kernel uses the node's cores while it scores), and are replaced when one dies: the call it was
-answering is asked once more of its replacement, then the search fails with a message naming the shard.
+gives. Actors are spread over the nodes (shard i on alive node i mod n), hold no CPU reservation (a shard server
+is idle between queries; the kernel uses the node's cores while it scores), and are replaced when one dies: the
+call it was answering is asked once more of its replacement, then the search fails with a message naming the
+shard.
 
 Ray is imported only here, only when a cluster is asked for (`--ray`, `VFS_RAY_ADDRESS`): the app and the
 single-machine search do not need it installed.
