@@ -6,10 +6,12 @@
 
 Per cache and mask size (1 cell, 3x3, whole grid; centred, query images drawn at random):
 - median and p95 latency of the two-tier search (`dashboard.two_tier`: first stage over the 4-bit index, exact
-  rerank of its best 0.5% (the default), and of its best 0.25%), measured in a fresh child process whose resident
-  memory (smaps_rollup, between queries: the index, the last rerank's rows, Python) is reported too; before each
-  query the features are dropped from the page cache, so every rerank reads its rows from the disk (the worst
-  case: the index and the norms stay in RAM);
+  rerank of its best 0.5% (the default), and of its best 0.25%), and the medians of its two phases (first stage
+  with the shortlist, rerank), measured in a fresh child process whose resident memory (smaps_rollup, between
+  queries: the index, the last rerank's rows, Python; as the answer is returned, and once the rerank's rows are
+  unmapped, which the search does after answering) is reported too; before each query the features are dropped
+  from the page cache, so every rerank reads its rows from the disk (the worst case: the index and the norms stay
+  in RAM);
 - the exact scan's latency (a few queries: at this size it reads the cache from disk);
 - recall@10 and recall@100 of the two tiers against the exact top-k (exact top-k of every query computed in one
   chunked pass over the cache);
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from cache_builder import cache_format as fmt  # noqa: E402
 from cache_builder.index import build_index, default_dims  # noqa: E402
 from cache_builder.synthetic import write_array_cache  # noqa: E402
-from dashboard import scoring, two_tier  # noqa: E402
+from dashboard import scoring, shards, two_tier  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
 from dashboard.scoring.kernel import cpu_flags  # noqa: E402
@@ -166,12 +168,22 @@ def approx_child(path: str, depths: list[int], conn) -> None:
     for depth in depths:
         for name, image_id, query in queries:
             drop_from_page_cache(cache.path / fmt.FEATURES_FILE)  # untimed: every rerank reads its rows from disk
-            started = time.perf_counter()
-            top = two_tier.approx_top(cache, query, None, depth, 100)
-            results.append((depth, name, time.perf_counter() - started, top.tolist()))
-            now = memory_status()  # between queries, untimed
+            top, first_s, rerank_s = timed_approx_top(cache, query, depth, 100)
+            results.append((depth, name, first_s + rerank_s, top.tolist(), first_s, rerank_s))
+            now = memory_status()  # between queries, untimed: as the answer is returned,
+            shards.finish_unmapping()
+            now["Settled"] = memory_status()["Rss"]  # and once its rows are unmapped
             peak = {key: max(value, peak.get(key, 0)) for key, value in now.items()}
     conn.send((results, peak))
+
+
+def timed_approx_top(cache: FeatureCache, query: RegionQuery, depth: int, k: int):
+    """`two_tier.approx_top` phase by phase: (top ids, seconds of the first stage and shortlist, of the rerank)."""
+    started = time.perf_counter()
+    picked = two_tier.shortlist(two_tier.first_stage_scores(cache, query, None), depth)
+    first_done = time.perf_counter()
+    top = two_tier.best_ids(two_tier.rerank(cache, query, picked), k)
+    return top, first_done - started, time.perf_counter() - first_done
 
 
 def memory_status() -> dict[str, int]:
@@ -255,8 +267,10 @@ def run_config(name: str, grid, n: int, dims: int | None, exact_queries: int = E
             times = [r[2] for r, _ in rows]
             recall10 = np.mean([len(np.intersect1d(r[3][:10], t[:10])) / 10 for r, t in rows])
             recall100 = np.mean([len(np.intersect1d(r[3][:100], t[:100])) / 100 for r, t in rows])
-            log(f"  {mask:>6}: approx {stats(times)} | exact {stats(exact_times[mask])} "
-                f"(of {len(exact_times[mask])}) | recall@10 {recall10:.3f} recall@100 {recall100:.3f}")
+            first_ms, rerank_ms = (np.median([r[i] for r, _ in rows]) * 1e3 for i in (4, 5))
+            log(f"  {mask:>6}: approx {stats(times)} (medians: first stage {first_ms:.0f}, rerank {rerank_ms:.0f} "
+                f"ms) | exact {stats(exact_times[mask])} (of {len(exact_times[mask])}) | recall@10 {recall10:.3f} "
+                f"recall@100 {recall100:.3f}")
             if depth != depths[0]:
                 continue
             median, p95 = np.median(times) * 1e3, np.percentile(times, 95) * 1e3
@@ -266,9 +280,10 @@ def run_config(name: str, grid, n: int, dims: int | None, exact_queries: int = E
             if recall10 < TARGET_RECALL:
                 failures.append(f"{name} {mask}: recall@10 {recall10:.3f} (target {TARGET_RECALL})")
     peak = memory.get("Rss", 0)
-    log(f"searching process, largest resident set between queries: {peak / 2**30:.2f} GiB (target <= "
-        f"{TARGET_RSS_GB:.0f} GB): {memory.get('Anonymous', 0) / 2**30:.2f} GiB anonymous at most, "
-        f"{memory.get('File', 0) / 2**30:.2f} GiB mapped file pages (the index and the rerank's rows) at most")
+    log(f"searching process, largest resident set between queries: {peak / 2**30:.2f} GiB as an answer is "
+        f"returned (target <= {TARGET_RSS_GB:.0f} GB): {memory.get('Anonymous', 0) / 2**30:.2f} GiB anonymous at "
+        f"most, {memory.get('File', 0) / 2**30:.2f} GiB mapped file pages (the index and the rerank's rows) at "
+        f"most; {memory.get('Settled', 0) / 2**30:.2f} GiB once the rerank's rows are unmapped")
     if peak > TARGET_RSS_GB * 2**30:
         failures.append(f"{name}: resident set {peak / 2**30:.2f} GiB")
     cache.metadata.close()
@@ -302,7 +317,8 @@ def main() -> int:
     parser.add_argument("--exact-queries", type=int, default=EXACT_QUERIES,
                         help=f"exact scans timed per mask size (default {EXACT_QUERIES}; each reads the whole cache)")
     args = parser.parse_args()
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "asimd"}))
+    shown = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "asimd"}
+    flags = " ".join(sorted(cpu_flags() & shown))
     log(f"CPU: {os.cpu_count()} cores, flags {flags}; engine {scoring.engine_status()}; "
         f"load {os.getloadavg()[0]:.2f}")
     failures = []

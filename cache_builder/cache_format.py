@@ -580,7 +580,7 @@ def advise_will_need(array: np.ndarray, ids: np.ndarray) -> None:
     _advise_rows(array, ids, _MADV_WILLNEED)
 
 
-FAULT_AROUND_BYTES = 64 << 10  # Linux's default fault_around_bytes
+FAULT_MAP_BYTES = 2 << 20  # the most a fault may map: a PMD-sized large folio (Linux's fault-around: 64 KiB)
 
 
 def advise_done_with(array: np.ndarray, ids: np.ndarray) -> None:
@@ -588,10 +588,13 @@ def advise_done_with(array: np.ndarray, ids: np.ndarray) -> None:
     later touch, by any thread, maps them again: always safe on a read-only map), but they stop counting as this
     process's resident memory.
 
-    Each row is unmapped with the aligned FAULT_AROUND_BYTES around it: a fault maps the cached pages of that
-    whole window, neighbouring rows' included, and unmapping only the rows' own pages left ~0.2 GiB mapped per
-    5,000-row rerank on the 1M-image benchmark cache, 4.6 GiB after 72 queries."""
-    _advise_rows(array, ids, _MADV_DONTNEED, FAULT_AROUND_BYTES)
+    Each row is unmapped with the FAULT_MAP_BYTES around it, aligned in the file: a fault maps more than the
+    page it touched, the cached pages of the aligned 64 KiB around it (fault-around) and, on recent kernels (seen
+    on 6.18), the whole large folio holding it, up to 2 MiB. On the 1M-image benchmark cache, unmapping only
+    the rows' own pages left ~0.2 GiB mapped per 5,000-row rerank; once an exact scan had left the features in
+    the page cache as large folios, such a rerank mapped ~3.3 GiB, and 64 KiB windows left ~16 MB of it mapped
+    (0.23 GiB more over 15 reranks; nothing with these windows)."""
+    _advise_rows(array, ids, _MADV_DONTNEED, FAULT_MAP_BYTES)
 
 
 def _advise_rows(array: np.ndarray, ids: np.ndarray, advice: int, align: int | None = None) -> None:
@@ -603,11 +606,12 @@ def _advise_rows(array: np.ndarray, ids: np.ndarray, advice: int, align: int | N
     row = array.strides[0]
     starts = array.ctypes.data + ids * row
     ends = starts + row
-    if align:  # widened to whole aligned windows, kept inside the array's own pages
+    if align:  # widened to whole windows aligned in the file (as its folios are), kept inside the array's pages
+        to_file = int(getattr(array, "offset", 0)) - array.ctypes.data  # address + to_file: offset in the file
         first = array.ctypes.data - array.ctypes.data % page
         last = array.ctypes.data + array.nbytes
-        starts = np.maximum(starts - starts % align, first)
-        ends = np.minimum(ends + (-ends) % align, last)
+        starts = np.maximum(starts - (starts + to_file) % align, first)
+        ends = np.minimum(ends + (-(ends + to_file)) % align, last)
     starts -= starts % page
     gaps = np.nonzero(starts[1:] > ends[:-1])[0]  # runs of rows that touch or overlap become one call
     for start, end in zip(starts[np.r_[0, gaps + 1]], ends[np.r_[gaps, len(ids) - 1]]):

@@ -84,14 +84,15 @@ class RayShards(ShardSearch):
                       for number, actor in self.actors.items()}
 
     def _start(self, number: int):
-        """Shard `number`'s actor, on the alive nodes in turn (shard i on node i mod n, sorted by id; soft, so a
-        node gone since is passed over): Ray's own SPREAD is best-effort, and once put all four test shards on one
-        node of two on a slow machine."""
+        """Shard `number`'s actor, on the alive nodes in turn (shard i on node i mod n, sorted by id). The
+        affinity is hard: Ray 2.60 treats a soft one as a hint, and put all 4 actors on one node of two in 4
+        tries of 15 (SPREAD is best-effort too). A node gone since makes the actor unschedulable, and `_answer`
+        replaces it on the nodes alive then."""
         ray = _ray()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
-        strategy = (NodeAffinitySchedulingStrategy(nodes[number % len(nodes)], soft=True) if nodes else "SPREAD")
+        strategy = (NodeAffinitySchedulingStrategy(nodes[number % len(nodes)], soft=False) if nodes else "SPREAD")
         return self._remote.options(num_cpus=0, max_restarts=0, scheduling_strategy=strategy).remote(
             self.cache_path, number, self.layer, self.faults)
 
@@ -105,8 +106,8 @@ class RayShards(ShardSearch):
                 return ray.get(pending)
             except ray.exceptions.RayTaskError as exc:  # the call raised: a refusal (bad ids, no index...)
                 raise _named(location, exc.cause if isinstance(exc.cause, Exception) else exc) from None
-            except ray.exceptions.RayActorError as exc:  # the actor died, or its shard could not be opened
-                error = exc
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
+                error = exc  # the actor died, its shard could not be opened, or its node is gone
             if attempt == 2:
                 raise ClusterError(f"{describe(location)} could not be served: its Ray actor failed twice "
                                    f"({_actor_failure(error, location)}); the search was not answered") from None

@@ -110,7 +110,8 @@ class CacheShard:
         against 13-17 s through the plain mapping. Afterwards the rows are unmapped from the process (the page
         cache keeps them), so its resident memory is the index plus one rerank, not every row ever reranked; that
         runs after the answer is returned, on `_UNMAPPER` (54-64 ms for 5,000 rows on the benchmark VM), and
-        a row it unmaps while another search reads it is simply mapped again (a read-only map)."""
+        a row it unmaps while another search reads it is simply mapped again (a read-only map). Until then the
+        rerank's rows count as resident, and more than their own bytes (`fmt.advise_done_with`)."""
         bits = self.scattered_features_bits()
         reader = threading.Thread(target=_will_need, args=(bits, self.sqnorms, ids), daemon=True)
         reader.start()
@@ -140,6 +141,11 @@ def describe(location: fmt.ShardLocation) -> str:
 
 
 _UNMAPPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vfs-unmap")  # one at a time, in order
+
+
+def finish_unmapping() -> None:
+    """Return once the rows of every rerank so far are unmapped (what a process holds between searches)."""
+    _UNMAPPER.submit(lambda: None).result()
 
 
 def _will_need(bits: np.ndarray, sqnorms: np.ndarray, ids: np.ndarray) -> None:

@@ -126,7 +126,11 @@ def approx_top(cache: FeatureCache, query: RegionQuery, ids: np.ndarray | None, 
                backend: str | None = None) -> np.ndarray:
     """Ids of the two tiers' top k, best first (ties by id): an approx search's engine without what
     `search_regions` adds around it (filters, groups, metadata, the hit table)."""
-    found = rerank(cache, query, shortlist(first_stage_scores(cache, query, ids, backend), depth), backend)
+    return best_ids(rerank(cache, query, shortlist(first_stage_scores(cache, query, ids, backend), depth), backend), k)
+
+
+def best_ids(found: scoring.WindowScores, k: int) -> np.ndarray:
+    """The ids of the k best scores, best first, ties by id."""
     return found.ids[np.lexsort((found.ids, -found.scores))[:k]]
 
 

@@ -85,6 +85,24 @@ def test_the_shards_are_spread_over_the_nodes_and_say_where(served):
     assert len({line.split("node ")[1].split()[0] for line in lines}) == 2  # both nodes serve shards
 
 
+def test_a_shard_placed_on_a_node_gone_since_is_started_on_an_alive_one(cluster, sharded, monkeypatch):
+    real_nodes, listings = ray.nodes, []
+
+    def nodes_with_a_dead_one():  # the first listings still show a node that has left the cluster
+        listings.append(1)
+        gone = [{"NodeID": "fe" * 28, "Alive": True}] if len(listings) <= 4 else []
+        return real_nodes() + gone
+
+    monkeypatch.setattr(ray, "nodes", nodes_with_a_dead_one)
+    cache = distributed.serve(sharded, cluster.address)
+    try:
+        assert len(listings) > 4  # shard 2 went to the gone node (sorted last) and was started again
+        assert all("Ray actor on node" in line and "fefefefe" not in line for line in cache.search.placement())
+        pd.testing.assert_frame_equal(search(cache, k=12).hits, search(sharded, k=12).hits)
+    finally:
+        cache.search.close()
+
+
 def test_an_actor_killed_between_queries_is_replaced(served, sharded):
     before = search(served, k=12).hits
     ray.kill(served.search.actors[2], no_restart=True)

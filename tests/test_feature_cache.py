@@ -98,10 +98,15 @@ def test_rows_to_be_reranked_are_requested_from_the_os_in_page_aligned_runs(tmp_
     fmt.advise_will_need(np.zeros((10, 1000), np.uint8), np.array([1]))  # in RAM: nothing to ask
     fmt.advise_will_need(rows, np.array([], dtype=np.int64))
     assert calls == []
+    window = 16 * page  # smaller than the array, so the window's alignment shows
+    monkeypatch.setattr(fmt, "FAULT_MAP_BYTES", window)
     fmt.advise_done_with(rows, np.array([50]))
     assert len(calls) == 1 and calls[0][2] == 4  # MADV_DONTNEED: unmapped here, kept in the page cache
-    start, length, _ = calls[0]  # with the fault-around window a touch of row 50 may have mapped around it
-    window = fmt.FAULT_AROUND_BYTES
-    assert start == max(base - base % page, (base + 50_000) // window * window)
-    assert start + length >= min(base + 100_000, -(-(base + 51_000) // window) * window)
-    assert start >= base - base % page and start + length <= base + 100_000 + page  # never beyond the array
+    start, length, _ = calls[0]  # a touch of row 50 may have mapped the file's aligned window around it
+    in_file = rows.offset - base  # address + in_file: offset in the file, where folios are aligned
+    assert start + in_file == (rows.offset + 50_000) // window * window
+    assert start + length + in_file == -(-(rows.offset + 51_000) // window) * window
+    calls.clear()
+    fmt.advise_done_with(rows, np.array([0, 99]))
+    assert [start for start, _, _ in calls][0] == base - base % page  # never beyond the array's pages
+    assert calls[-1][0] + calls[-1][1] == base + 100_000

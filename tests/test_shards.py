@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from cache_builder.cache_format import CacheError
 from cache_builder.cli import main as builder_main
 from cache_builder.sharding import read_shard_info, split_cache
 from cache_builder.synthetic import write_array_cache
-from dashboard import two_tier
+from dashboard import shards, two_tier
 from dashboard.feature_cache import FeatureCache
 from dashboard.metadata import MetadataFilter
 from dashboard.search import SearchRequest, heat_maps, search_regions
@@ -98,6 +99,24 @@ def test_two_tier_runs_on_every_shards_index_and_reports_exact_scores(pair, monk
     covering = search(sharded, mode="approx", rerank=N, k=15)
     pd.testing.assert_frame_equal(covering.hits, search(sharded, mode="exact", k=15).hits)
     assert "one per shard (4)" in two_tier.index_status(sharded)
+
+
+def test_the_reranked_rows_are_unmapped_after_the_answer_and_finish_unmapping_waits_for_it(pair, monkeypatch):
+    unmapped, real = [], fmt.advise_done_with
+
+    def slow_unmap(array, ids):
+        time.sleep(0.3)  # longer than the search itself
+        real(array, ids)
+        unmapped.append(np.asarray(ids).copy())
+
+    monkeypatch.setattr(fmt, "advise_done_with", slow_unmap)
+    _, sharded = pair
+    result = search(sharded, mode="approx", rerank=40, k=10)
+    assert len(unmapped) < 4  # not waited for by the search
+    shards.finish_unmapping()
+    assert len(unmapped) == 4  # one rerank per shard, each shard's rows in its own ids
+    assert sum(len(ids) for ids in unmapped) >= result.reranked
+    assert all(len(ids) and ids.max() < SHARD for ids in unmapped)
 
 
 def test_a_shard_without_an_index_falls_back_to_exact_and_names_the_shard(pair, tmp_path, monkeypatch):
