@@ -272,6 +272,41 @@ def test_first_stage_scores_are_the_formula_on_the_codes_values(seed, n, grid, d
         assert np.array_equal(results[backend].position, results[native[0]].position), backend
 
 
+@pytest.mark.parametrize("grid", [(1, 7), (5, 6), (14, 14)])  # 7, 30 and 196 windows for one cell
+def test_the_first_of_tied_best_windows_is_reported_on_every_path(grid):
+    """Where windows tie for the best score, every path reports the first (the native kernels search for it 16
+    windows at a time on AVX-512), in the exact scan and in the first stage alike."""
+    rng = np.random.default_rng(8)
+    n, channels = 6, 32
+    cell = np.abs(rng.normal(size=channels)).astype(np.float32)
+    features = np.tile(cell, (n, *grid, 1)) * rng.uniform(0.2, 0.6, size=(n, *grid, 1)).astype(np.float32)
+    best_cells = [(i * 7) % (grid[0] * grid[1]) for i in range(n)]  # image i: two tied best cells, first here
+    for i, first in enumerate(best_cells):
+        features[i].reshape(-1, channels)[first] = cell
+        features[i].reshape(-1, channels)[-1] = cell
+    features[:, :, :, 0] *= np.linspace(1, 1.5, grid[0] * grid[1]).reshape(grid)  # the others score lower
+    for i, first in enumerate(best_cells):
+        features[i].reshape(-1, channels)[[first, -1], 0] = cell[0] * 2.0
+    bits, sqnorms = encode_features(features)
+    mask = np.zeros(grid, np.float32)
+    mask[0, 0] = 1
+    query_features = np.broadcast_to(features[0].reshape(-1, channels)[best_cells[0]], (*grid, channels))
+    query = RegionQuery.from_grid_mask(np.ascontiguousarray(query_features), mask)
+    index = code_index(rng, n, grid, channels, 32)
+    levels = np.tile(rng.integers(4, 12, size=32, dtype=np.uint8), (n, *grid, 1))
+    aligned = np.where(query.features[0, 0] @ index.basis > 0, 15, 0).astype(np.uint8)  # the best code there is
+    for i, first in enumerate(best_cells):
+        levels[i].reshape(-1, 32)[[first, -1]] = aligned
+    index = dataclasses.replace(index, codes=fmt.pack_codes(levels), means=np.zeros(32, np.float32))
+    code_sqnorms = np.full((n, *grid), 1e6, np.float32)  # large: no score clipped at 1
+    for backend in BACKENDS:
+        exact = score_windows(torch.from_numpy(bits).view(torch.bfloat16), sqnorms, query, backend=backend)
+        first = scoring.score_codes(index, code_sqnorms, query, backend=backend)
+        assert exact.position.tolist() == best_cells, backend
+        if backend != "torch":
+            assert first.position.tolist() == best_cells, backend
+
+
 def test_first_stage_scores_follow_the_codes():
     """Changing one image's codes changes only that image's first-stage score (the kernel reads each row)."""
     rng = np.random.default_rng(4)

@@ -428,17 +428,25 @@ static inline void store_sums(const __m256i *s, int nb, float *out) {
 #if VFS_ISA == 2
 /* AVX512-VNNI: 64 packed bytes = 128 values per load; each nibble half times its 64 query bytes, summed into 16
  * int32 lanes by one vpdpbusd (two accumulators per window: the halves' chains overlap). A run's last chunk (runs
- * are whole cells) is a masked load. */
+ * are whole cells) is a masked load. A chunk of at most 32 bytes (a run of one 64-dimension cell, the tail of
+ * a longer one) would fill half a register: two windows' chunks share one instead, the query's bytes in both
+ * halves, into accumulators of window pairs (`benchmarks/kernel_ab.py`, 500k images of 14x14 cells of 64 dims
+ * in RAM: 3x3 boxes 0.94x the time, single cells 1.02x: there the time goes to each window's scoring). */
 #define VFS_CODE_STEP 128 /* values per step */
 #define VFS_DEFINE_CODE_BLOCK(NB)                                                                               \
     static void code_numerators_##NB(const vfs_query *q, const uint8_t *img, const int32_t *base, float *out,   \
                                      prefetcher *pf) {                                                          \
         const __m512i nibble = _mm512_set1_epi8(0x0f);                                                          \
-        __m512i acc_low[NB], acc_high[NB];                                                                      \
+        __m512i acc_low[NB], acc_high[NB], pair_low[(NB + 1) / 2], pair_high[(NB + 1) / 2];                     \
         _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                                  \
             acc_low[j] = _mm512_setzero_si512();                                                                \
             acc_high[j] = _mm512_setzero_si512();                                                               \
         }                                                                                                       \
+        _Pragma("GCC unroll 4") for (int j = 0; j < (NB + 1) / 2; j++) {                                        \
+            pair_low[j] = _mm512_setzero_si512();                                                               \
+            pair_high[j] = _mm512_setzero_si512();                                                              \
+        }                                                                                                       \
+        int paired = 0;                                                                                         \
         for (int32_t t = 0; t < q->n_runs; t++) {                                                              \
             const int8_t *qv = q->code_values + q->term_starts[t];                                              \
             const int32_t bytes = q->term_lengths[t] / 2;                                                       \
@@ -447,6 +455,24 @@ static inline void store_sums(const __m256i *s, int nb, float *out) {
             for (int32_t b = 0; b < bytes; b += 64) {                                                           \
                 prefetch_step(pf);                                                                              \
                 const int32_t chunk = bytes - b < 64 ? bytes - b : 64;                                          \
+                if (chunk <= 32) {                                                                              \
+                    paired = 1;                                                                                 \
+                    const __mmask32 m = chunk == 32 ? ~(__mmask32)0 : (((__mmask32)1 << chunk) - 1);           \
+                    const __m512i q_low = _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(m, qv + 2 * b));       \
+                    const __m512i q_high = _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(m, qv + 2 * b + chunk)); \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < NB; j += 2) {                                   \
+                        const __m256i first = _mm256_maskz_loadu_epi8(m, row[j] + b);                           \
+                        const __m512i packed = j + 1 < NB                                                       \
+                            ? _mm512_inserti64x4(_mm512_castsi256_si512(first),                                 \
+                                                 _mm256_maskz_loadu_epi8(m, row[j + 1] + b), 1)                 \
+                            : _mm512_zextsi256_si512(first);                                                    \
+                        pair_low[j / 2] = _mm512_dpbusd_epi32(pair_low[j / 2], _mm512_and_si512(packed, nibble), \
+                                                              q_low);                                           \
+                        pair_high[j / 2] = _mm512_dpbusd_epi32(                                                 \
+                            pair_high[j / 2], _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble), q_high);  \
+                    }                                                                                           \
+                    continue;                                                                                   \
+                }                                                                                               \
                 const __mmask64 m = chunk == 64 ? ~(__mmask64)0 : (((__mmask64)1 << chunk) - 1);               \
                 const __m512i q_low = _mm512_maskz_loadu_epi8(m, qv + 2 * b);                                   \
                 const __m512i q_high = _mm512_maskz_loadu_epi8(m, qv + 2 * b + chunk);                          \
@@ -462,6 +488,13 @@ static inline void store_sums(const __m256i *s, int nb, float *out) {
         _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                                  \
             const __m512i both = _mm512_add_epi32(acc_low[j], acc_high[j]);                                     \
             sums[j] = _mm256_add_epi32(_mm512_castsi512_si256(both), _mm512_extracti64x4_epi64(both, 1));       \
+        }                                                                                                       \
+        if (paired) {                                                                                           \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NB; j += 2) {                                           \
+                const __m512i both = _mm512_add_epi32(pair_low[j / 2], pair_high[j / 2]);                       \
+                sums[j] = _mm256_add_epi32(sums[j], _mm512_castsi512_si256(both));                              \
+                if (j + 1 < NB) sums[j + 1] = _mm256_add_epi32(sums[j + 1], _mm512_extracti64x4_epi64(both, 1)); \
+            }                                                                                                   \
         }                                                                                                       \
         store_sums(sums, NB, out);                                                                              \
     }
@@ -575,6 +608,45 @@ static void code_image_numerators(const vfs_query *q, const uint8_t *img, const 
     for (int32_t w = 0; w < windows; w++) out[w] *= q->numerator_scale;
 }
 
+/* The first window with the best score, and that score (scores are never NaN: image_scores makes them 0). */
+static inline int32_t best_of_scalar(const float *out, int32_t windows, float *best_score) {
+    float best = out[0];
+    for (int32_t w = 1; w < windows; w++) best = out[w] > best ? out[w] : best;
+    int32_t w = 0;
+    while (out[w] != best) w++;
+    *best_score = best;
+    return w;
+}
+
+/* The same. GCC keeps the plain loop scalar (a chain of maxss, 3-4 cycles a window: by perf ~12% of the AVX-512
+ * first stage for 1-cell masks on 14x14 grids); AVX-512 takes 16 windows a step, in the search for the first best
+ * too. (On AVX2 the same with 8 windows a step measured no gain beyond the noise, on 7x7 grids.) */
+static inline int32_t best_of(const float *out, int32_t windows, float *best_score) {
+    if (windows < 8) return best_of_scalar(out, windows, best_score); /* a whole grid: one window */
+#if VFS_ISA == 2
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int32_t w = 0; w < windows; w += 16) {
+        const __mmask16 m = windows - w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (windows - w)) - 1);
+        top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, out + w));
+    }
+    const float best = _mm512_reduce_max_ps(top);
+    const __m512 wanted = _mm512_set1_ps(best);
+    int32_t w = 0;
+    for (;; w += 16) {
+        const __mmask16 m = windows - w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (windows - w)) - 1);
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, out + w), wanted, _CMP_EQ_OQ);
+        if (hit) {
+            w += __builtin_ctz(hit);
+            break;
+        }
+    }
+    *best_score = best;
+    return w;
+#else
+    return best_of_scalar(out, windows, best_score);
+#endif
+}
+
 /* One loop for both entry points: bfloat16 rows from `features`, or 4-bit rows from `codes`. */
 static int score_rows(const vfs_query *q, const uint16_t *features, const uint8_t *codes, const float *sqnorms, const int64_t *ids, int64_t first, int64_t count, float *best_score,
                       int32_t *best_window, float *all_scores) {
@@ -618,12 +690,7 @@ static int score_rows(const vfs_query *q, const uint16_t *features, const uint8_
         }
         float *out = all_scores ? all_scores + (size_t)i * windows : scores;
         image_scores(q, sqnorms + (size_t)id * positions, numerators, denominators, wide, out);
-        float best = out[0];
-        for (int32_t w = 1; w < windows; w++) best = out[w] > best ? out[w] : best; /* vectorised */
-        int32_t best_at = 0;
-        while (out[best_at] != best) best_at++; /* the first window with the best score */
-        best_score[i] = best;
-        best_window[i] = best_at;
+        best_window[i] = best_of(out, windows, &best_score[i]);
     }
     free(bases); free(work); free(scratch); free(decoded);
     return 0;
