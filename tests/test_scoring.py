@@ -280,13 +280,12 @@ def test_the_first_of_tied_best_windows_is_reported_on_every_path(grid):
     n, channels = 6, 32
     cell = np.abs(rng.normal(size=channels)).astype(np.float32)
     features = np.tile(cell, (n, *grid, 1)) * rng.uniform(0.2, 0.6, size=(n, *grid, 1)).astype(np.float32)
+    features[:, :, :, 0] *= np.linspace(1, 1.5, grid[0] * grid[1]).reshape(grid)  # the others score lower
+    best = cell.copy()
+    best[0] *= 2.0
     best_cells = [(i * 7) % (grid[0] * grid[1]) for i in range(n)]  # image i: two tied best cells, first here
     for i, first in enumerate(best_cells):
-        features[i].reshape(-1, channels)[first] = cell
-        features[i].reshape(-1, channels)[-1] = cell
-    features[:, :, :, 0] *= np.linspace(1, 1.5, grid[0] * grid[1]).reshape(grid)  # the others score lower
-    for i, first in enumerate(best_cells):
-        features[i].reshape(-1, channels)[[first, -1], 0] = cell[0] * 2.0
+        features[i].reshape(-1, channels)[[first, -1]] = best
     bits, sqnorms = encode_features(features)
     mask = np.zeros(grid, np.float32)
     mask[0, 0] = 1

@@ -457,7 +457,7 @@ static inline void store_sums(const __m256i *s, int nb, float *out) {
                 const int32_t chunk = bytes - b < 64 ? bytes - b : 64;                                          \
                 if (chunk <= 32) {                                                                              \
                     paired = 1;                                                                                 \
-                    const __mmask32 m = chunk == 32 ? ~(__mmask32)0 : (((__mmask32)1 << chunk) - 1);           \
+                    const __mmask32 m = chunk_mask(chunk);                                                      \
                     const __m512i q_low = _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(m, qv + 2 * b));       \
                     const __m512i q_high = _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(m, qv + 2 * b + chunk)); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < NB; j += 2) {                                   \
@@ -626,14 +626,14 @@ static inline int32_t best_of(const float *out, int32_t windows, float *best_sco
 #if VFS_ISA == 2
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int32_t w = 0; w < windows; w += 16) {
-        const __mmask16 m = windows - w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (windows - w)) - 1);
+        const __mmask16 m = (__mmask16)chunk_mask(windows - w);
         top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, out + w));
     }
     const float best = _mm512_reduce_max_ps(top);
     const __m512 wanted = _mm512_set1_ps(best);
     int32_t w = 0;
     for (;; w += 16) {
-        const __mmask16 m = windows - w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (windows - w)) - 1);
+        const __mmask16 m = (__mmask16)chunk_mask(windows - w);
         const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, out + w), wanted, _CMP_EQ_OQ);
         if (hit) {
             w += __builtin_ctz(hit);
