@@ -28,7 +28,7 @@ from cache_builder import cache_format as fmt  # noqa: E402
 from dashboard import scoring, two_tier  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
-from dashboard.scoring.kernel import cpu_flags  # noqa: E402
+from dashboard.scoring.kernel import path_flags  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "out" / "scale" / "scale-synthetic-v1-seed0_7x7x320_n1000000"
 PLANE_DIMS = 64
@@ -56,7 +56,7 @@ def main() -> int:
     full = cache.first_stage()
     started = time.perf_counter()
     plane = first_plane(full)
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}))
+    flags = path_flags()
     depth = two_tier.rerank_depth(cache.size, 10)
     candidates = max(depth, int(args.share * cache.size))
     print(f"CPU flags {flags}; {cache.size:,} images; index {full.codes.nbytes / 1e9:.2f} GB ({full.dims} dims), "

@@ -43,7 +43,7 @@ from cache_builder.synthetic import write_array_cache  # noqa: E402
 from dashboard.distributed import RayShards  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
-from dashboard.scoring.kernel import cpu_flags  # noqa: E402
+from dashboard.scoring.kernel import path_flags  # noqa: E402
 from dashboard.two_tier import mask_shapes  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "cluster"
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--skip-build", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "asimd"}))
+    flags = path_flags()
     print(f"command: {' '.join(sys.argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({flags}), "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from cache_builder import cache_format as fmt  # noqa: E402
 from dashboard import scoring, two_tier  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
-from dashboard.scoring.kernel import cpu_flags, load_kernel  # noqa: E402
+from dashboard.scoring.kernel import path_flags, load_kernel  # noqa: E402
 
 
 def random_index(n: int, grid: tuple[int, int], channels: int, dims: int, seed: int = 0) -> fmt.FirstStageIndex:
@@ -47,8 +47,7 @@ def main() -> None:
     grid = tuple(args.grid)
     index = random_index(args.images, grid, args.channels, args.dims)
     sqnorms = np.random.default_rng(1).uniform(1, 2, size=(args.images, *grid)).astype(np.float32)
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni",
-                                           "asimd"}))
+    flags = path_flags()
     paths = [name for name in scoring.runnable_scorers() if name not in ("native", "torch")]
     reader = load_kernel(paths[-1])
     print(f"CPU: {os.cpu_count()} cores, flags {flags}; load {os.getloadavg()[0]:.2f}; {args.images:,} images, "

@@ -11,7 +11,6 @@ arrays, display JPEG, frame boxes) and the grid, then fit as a multiple of crop.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_builder.build import BuildOptions, build_cache  # noqa: E402
 from cache_builder.sources import parse_source  # noqa: E402
+from dashboard.scoring.kernel import path_flags  # noqa: E402
 
 
 def write_frames(folder: Path, count: int, width: int, height: int) -> None:
@@ -41,15 +41,6 @@ def cache_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "metadata.duckdb")
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16")
-    return " ".join(f for f in wanted if f in flags.split())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=240)
@@ -58,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    print(f"CPU flags: {cpu_flags()}; {args.images} frames of {args.width}x{args.height}")
+    print(f"CPU flags: {path_flags()}; {args.images} frames of {args.width}x{args.height}")
     with tempfile.TemporaryDirectory(prefix="vfs-frames-") as tmp:
         frames = Path(tmp) / "frames"
         frames.mkdir()

@@ -31,7 +31,7 @@ from dashboard import two_tier  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
 from dashboard.scoring import code_query  # noqa: E402
 from dashboard.scoring import kernel as kernel_module  # noqa: E402
-from dashboard.scoring.kernel import VARIANTS, KernelQuery, KernelUnavailable, cpu_flags  # noqa: E402
+from dashboard.scoring.kernel import VARIANTS, KernelQuery, KernelUnavailable, path_flags  # noqa: E402
 from codes_kernel import random_index  # noqa: E402
 
 
@@ -99,8 +99,7 @@ def main() -> int:
     del features
     index = random_index(args.code_images, grid, channels, args.dims)
     code_norms = rng.uniform(1, 2, size=(args.code_images, *grid)).astype(np.float32)
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni",
-                                           "asimd"}))
+    flags = path_flags()
     print(f"CPU: {os.cpu_count()} cores, flags {flags}; load {os.getloadavg()[0]:.2f}; path {variant}; "
           f"A {args.a}, B {args.b}")
     print(f"exact scan: {args.images:,} images {grid[0]}x{grid[1]}x{channels} ({bits.nbytes / 1e9:.2f} GB); "

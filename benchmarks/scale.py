@@ -48,7 +48,7 @@ from cache_builder.synthetic import write_array_cache  # noqa: E402
 from dashboard import scoring, shards, two_tier  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
-from dashboard.scoring.kernel import cpu_flags  # noqa: E402
+from dashboard.scoring.kernel import path_flags  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "scale"
 CONFIGS = {"7x7x320": ((7, 7, 320), 1_000_000, None), "14x14x112": ((14, 14, 112), 500_000, None)}
@@ -317,8 +317,7 @@ def main() -> int:
     parser.add_argument("--exact-queries", type=int, default=EXACT_QUERIES,
                         help=f"exact scans timed per mask size (default {EXACT_QUERIES}; each reads the whole cache)")
     args = parser.parse_args()
-    shown = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "asimd"}
-    flags = " ".join(sorted(cpu_flags() & shown))
+    flags = path_flags()
     log(f"CPU: {os.cpu_count()} cores, flags {flags}; engine {scoring.engine_status()}; "
         f"load {os.getloadavg()[0]:.2f}")
     failures = []

@@ -53,7 +53,7 @@ from cache_builder.cache_format import CacheError  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
 from dashboard.scoring import SCORERS, engine_status, get_scorer, runnable_scorers, score_windows  # noqa: E402
-from dashboard.scoring.kernel import KernelUnavailable, best_variant, cpu_flags, load_kernel  # noqa: E402
+from dashboard.scoring.kernel import KernelUnavailable, best_variant, path_flags, load_kernel  # noqa: E402
 from dashboard.search import rank  # noqa: E402
 
 GRIDS = [(7, 7, 320), (14, 14, 112)]
@@ -410,7 +410,7 @@ def print_header(args: argparse.Namespace) -> None:
     log(f"command: {' '.join([sys.executable] + sys.argv)}")
     log(f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"load average {load_average()} (other processes share these cores; timings are wall clock)")
-    flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16") if f in cpu_flags())
+    flags = path_flags()
     log(f"CPU flags: {flags or 'none of avx2, fma, avx512f, avx512bw, avx512_bf16'}")
     engines = [engine_status() if b is None else f"{b}: {get_scorer(b).describe()}" for b in args.backends]
     log(f"engine: {'; '.join(engines)}")

@@ -199,6 +199,13 @@ def test_native_picks_the_best_path_the_cpus_flags_allow(flags, expected, monkey
     assert kernel.best_variant() == expected
 
 
+def test_the_benchmarks_name_the_flags_that_choose_a_path(monkeypatch):
+    from dashboard.scoring import kernel
+
+    monkeypatch.setattr(kernel, "cpu_flags", lambda: frozenset({"fma", "sse4_2", "avx2", "amx_tile", "avx512f"}))
+    assert kernel.path_flags() == "avx2 avx512f fma"  # sorted; flags no path reads are left out
+
+
 def test_a_path_the_cpu_lacks_is_refused_by_name_and_skipped_by_native(monkeypatch):
     from dashboard.scoring import kernel
 

@@ -351,6 +351,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def path_flags() -> str:
+    """The flags of this CPU that decide the kernel's paths, as the benchmarks print them beside every figure."""
+    return " ".join(sorted(cpu_flags() & {flag for needed, _ in PATHS.values() for flag in needed}))
+
+
 def missing_cpu_flags(variant: str) -> list[str]:
     return [flag for flag in PATHS[variant][0] if flag not in cpu_flags()]
 
