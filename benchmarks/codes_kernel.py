@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from cache_builder import cache_format as fmt  # noqa: E402
 from dashboard import scoring, two_tier  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
-from dashboard.scoring.kernel import path_flags, load_kernel  # noqa: E402
+from dashboard.scoring.kernel import load_kernel, path_flags  # noqa: E402
 
 
 def random_index(n: int, grid: tuple[int, int], channels: int, dims: int, seed: int = 0) -> fmt.FirstStageIndex:

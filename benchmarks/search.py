@@ -53,7 +53,7 @@ from cache_builder.cache_format import CacheError  # noqa: E402
 from dashboard.feature_cache import FeatureCache  # noqa: E402
 from dashboard.region_query import RegionQuery  # noqa: E402
 from dashboard.scoring import SCORERS, engine_status, get_scorer, runnable_scorers, score_windows  # noqa: E402
-from dashboard.scoring.kernel import KernelUnavailable, best_variant, path_flags, load_kernel  # noqa: E402
+from dashboard.scoring.kernel import KernelUnavailable, best_variant, load_kernel, path_flags  # noqa: E402
 from dashboard.search import rank  # noqa: E402
 
 GRIDS = [(7, 7, 320), (14, 14, 112)]
