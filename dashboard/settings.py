@@ -10,6 +10,7 @@ from typing import Mapping
 CACHES_DIR_ENV = "VFS_CACHES_DIR"
 SEARCH_BACKEND_ENV = "VFS_SEARCH_BACKEND"
 KERNEL_DIR_ENV = "VFS_KERNEL_DIR"
+DIRECT_READS_ENV = "VFS_DIRECT_READS"
 DEFAULT_CACHES_DIR = Path("caches")
 DEFAULT_KERNEL_DIR = Path.home() / ".cache" / "visual-feature-search" / "kernels"
 
@@ -20,6 +21,7 @@ class Settings:
     search_backend: str | None  # $VFS_SEARCH_BACKEND: a scorer name (see dashboard.scorers), None = automatic
     kernel_dir: Path  # $VFS_KERNEL_DIR: where the compiled search kernel is kept
     compiler: str | None  # $CC: the C compiler to build the kernel with
+    direct_reads: bool = True  # $VFS_DIRECT_READS=0: two-tier reranks read through the memory map (dashboard.row_reads)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -35,6 +37,7 @@ class Settings:
             search_backend=value(SEARCH_BACKEND_ENV),
             kernel_dir=Path(kernels).expanduser() if kernels else DEFAULT_KERNEL_DIR,
             compiler=value("CC"),
+            direct_reads=value(DIRECT_READS_ENV) not in ("0", "false", "no", "off"),
         )
 
     def caches_root(self, configured: str | None = None) -> Path:

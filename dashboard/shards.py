@@ -11,6 +11,8 @@ metadata) stays with the caller, so a search gives the same answer wherever its 
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +24,13 @@ import torch
 
 from cache_builder import cache_format as fmt
 from cache_builder.cache_format import Manifest
-from dashboard import scoring
-from dashboard.scoring.base import tensor_view
+from dashboard import row_reads, scoring, settings
 from dashboard.region_query import RegionQuery
+from dashboard.scoring.base import tensor_view
+from dashboard.scoring.native import NativeScorer
+
+_log = logging.getLogger(__name__)
+
 
 @dataclass
 class CacheShard:
@@ -38,6 +44,7 @@ class CacheShard:
     _index: fmt.FirstStageIndex | fmt.IndexUnusable | None = field(default=None, repr=False)
     _index_stamp: int | None = field(default=None, repr=False)
     _scattered: np.ndarray | None = field(default=None, repr=False)
+    _read_aheads: row_reads.ReadAheads | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, location: fmt.ShardLocation, manifest: Manifest) -> "CacheShard":
@@ -99,8 +106,37 @@ class CacheShard:
 
     def first_stage_scores(self, query: RegionQuery, ids: np.ndarray | None,
                            backend: str | None) -> scoring.WindowScores:
-        """Every searched row's best window by the first stage (approximate scores, projected numerators)."""
-        return scoring.score_codes(self.first_stage(), self.sqnorms, query, ids, backend=backend)
+        """Every searched row's best window by the first stage (approximate scores, projected numerators). Over
+        many rows, scored in parts, and the likely shortlist's rows read ahead for the rerank (`row_reads`)."""
+        index = self.first_stage()
+        searched = self.count if ids is None else len(ids)
+        reader = self._reader_for(query, searched, backend)
+        if reader is None:
+            return scoring.score_codes(index, self.sqnorms, query, ids, backend=backend)
+        all_ids = np.arange(self.count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        scores, positions = np.empty(searched, np.float32), np.empty(searched, np.int64)
+        likely_ids, likely_scores, scored = np.zeros(0, np.int64), np.zeros(0, np.float32), 0
+        for part in row_reads.parts(searched):
+            found = scoring.score_codes(index, self.sqnorms, query, all_ids[part], backend=backend)
+            scores[part], positions[part] = found.scores, found.position
+            scored += len(part)
+            likely_ids = np.concatenate([likely_ids, found.ids])
+            likely_scores = np.concatenate([likely_scores, found.scores])
+            keep = min(len(likely_ids), math.ceil(row_reads.READ_AHEAD_SHARE * scored))
+            best = np.argpartition(-likely_scores, keep - 1)[:keep] if keep else np.zeros(0, np.int64)
+            likely_ids, likely_scores = likely_ids[best], likely_scores[best]
+            reader.request(likely_ids)
+        return scoring.WindowScores(all_ids, scores, positions, found.windows_per_row)
+
+    def _reader_for(self, query: RegionQuery, searched: int, backend: str | None) -> row_reads.RowReads | None:
+        """A reader for this first stage's likely rows, where reading ahead pays and the rerank can use it."""
+        if (searched < row_reads.MIN_SEARCHED or not settings.current().direct_reads or self.frames is not None
+                or not isinstance(self.features_bits, np.memmap)
+                or not isinstance(scoring.get_scorer(backend), NativeScorer)):
+            return None
+        if self._read_aheads is None:
+            self._read_aheads = row_reads.ReadAheads(self.features_bits)
+        return self._read_aheads.begin(row_reads.query_key(query), searched)
 
     def rerank(self, query: RegionQuery, ids: np.ndarray, backend: str | None) -> scoring.WindowScores:
         """Exact scores and windows of shortlisted rows, scattered over features that may be on disk: a thread
@@ -111,7 +147,13 @@ class CacheShard:
         cache keeps them), so its resident memory is the index plus one rerank, not every row ever reranked; that
         runs after the answer is returned, on `_UNMAPPER` (54-64 ms for 5,000 rows on the benchmark VM), and
         a row it unmaps while another search reads it is simply mapped again (a read-only map). Until then the
-        rerank's rows count as resident, and more than their own bytes (`fmt.advise_done_with`)."""
+        rerank's rows count as resident, and more than their own bytes (`fmt.advise_done_with`).
+
+        Where this query's first stage read its likely rows ahead (`row_reads`), the rest are read the same way
+        and the rows scored where they lie in the reader's buffer, none of this mapping."""
+        found = self._rerank_read_ahead(query, ids, backend)
+        if found is not None:
+            return found
         bits = self.scattered_features_bits()
         reader = threading.Thread(target=_will_need, args=(bits, self.sqnorms, ids), daemon=True)
         reader.start()
@@ -121,6 +163,27 @@ class CacheShard:
         finally:
             reader.join()
             _UNMAPPER.submit(fmt.advise_done_with, bits, np.array(ids))  # a copy: the caller keeps its own
+
+    def _rerank_read_ahead(self, query: RegionQuery, ids: np.ndarray,
+                           backend: str | None) -> scoring.WindowScores | None:
+        """The rerank from the rows this query's first stage read ahead; None (read them through the map) where
+        it did not, the shortlist outgrows the reader, or a direct read failed (logged)."""
+        reader = None if self._read_aheads is None else self._read_aheads.take(row_reads.query_key(query))
+        if reader is None:
+            return None
+        try:
+            ids = np.asarray(ids, dtype=np.int64)
+            if not reader.request(ids):
+                return None
+            reader.finish()
+            return scoring.score_placed(reader.base, reader.placed(ids), reader.extent, self.sqnorms, query, ids,
+                                        self.manifest.grid, backend)
+        except OSError as exc:
+            _log.warning("%s: a direct read failed (%s); this rerank reads through the memory map",
+                         describe(self.location), exc)
+            return None
+        finally:
+            self._read_aheads.give_back(reader)
 
     def window_maps(self, query: RegionQuery, ids: np.ndarray, backend: str | None) -> np.ndarray:
         """(len(ids), out_h, out_w) every window's score: the heat maps behind hits."""

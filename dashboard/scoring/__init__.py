@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import math
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ from dashboard.scoring.native import NativeScorer
 from dashboard.scoring.torch_path import TorchScorer
 
 __all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "code_query", "engine_status",
-           "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_windows", "window_score_maps"]
+           "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_placed", "score_windows",
+           "window_score_maps"]
 
 SCORERS: dict[str, Scorer] = {
     "native": NativeScorer(None, "native kernel, the best path of this CPU"),
@@ -118,6 +120,22 @@ def score_windows(features: torch.Tensor, sqnorms: np.ndarray, query: RegionQuer
     if content is not None:
         _best_on_the_picture(prepared, features, sqnorms, query, all_ids, np.asarray(content), scores, positions)
     return WindowScores(all_ids, scores, positions, prepared.out_w)
+
+
+def score_placed(base: int, placed: np.ndarray, extent: int, sqnorms: np.ndarray, query: RegionQuery,
+                 ids: np.ndarray, grid: tuple[int, int, int], backend: str | None = None) -> WindowScores | None:
+    """`score_windows` of rows that a reader put in its own buffer (`dashboard.row_reads`): image ids[i] lies at
+    `base + placed[i]`. None where the backend scores only arrays (torch): the caller then reads the rows itself."""
+    scorer = get_scorer(backend)
+    if not isinstance(scorer, NativeScorer):
+        return None
+    query.check_fits(grid[:2], grid[2])
+    prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    check_ids(ids, sqnorms.shape[0])
+    scores, windows = scorer.kernel().score_placed(prepared, base, placed, 2 * math.prod(grid), extent,
+                                                   np.asarray(sqnorms), ids)
+    return WindowScores(ids, scores, windows.astype(np.int64), prepared.out_w)
 
 
 CODE_CHUNK_IMAGES = 4096  # images decoded at a time where the kernel cannot read the codes itself

@@ -648,7 +648,8 @@ static inline int32_t best_of(const float *out, int32_t windows, float *best_sco
 }
 
 /* One loop for both entry points: bfloat16 rows from `features`, or 4-bit rows from `codes`. */
-static int score_rows(const vfs_query *q, const uint16_t *features, const uint8_t *codes, const float *sqnorms, const int64_t *ids, int64_t first, int64_t count, float *best_score,
+static int score_rows(const vfs_query *q, const uint16_t *features, const uint8_t *codes, const float *sqnorms,
+                      const int64_t *ids, const int64_t *placed, int64_t first, int64_t count, float *best_score,
                       int32_t *best_window, float *all_scores) {
     const int32_t positions = q->grid_h * q->grid_w;
     const int32_t windows = q->out_h * q->out_w;
@@ -680,13 +681,14 @@ static int score_rows(const vfs_query *q, const uint16_t *features, const uint8_
         prefetcher pf = {NULL, NULL, lines_per_step};
         if (i + VFS_PREFETCH_AHEAD < count) {
             const int64_t ahead = ids ? ids[i + VFS_PREFETCH_AHEAD] : first + i + VFS_PREFETCH_AHEAD;
-            pf.next = rows + (size_t)ahead * row_bytes;
+            pf.next = placed ? rows + placed[i + VFS_PREFETCH_AHEAD] : rows + (size_t)ahead * row_bytes;
             pf.end = pf.next + row_bytes;
         }
         if (codes) {
             code_image_numerators(q, codes + (size_t)id * row_bytes, bases, windows, decoded, numerators, &pf);
         } else {
-            image_numerators(q, features + (size_t)id * image_values, bases, windows, scratch, numerators, &pf);
+            const uint16_t *img = placed ? (const uint16_t *)(rows + placed[i]) : features + (size_t)id * image_values;
+            image_numerators(q, img, bases, windows, scratch, numerators, &pf);
         }
         float *out = all_scores ? all_scores + (size_t)i * windows : scores;
         image_scores(q, sqnorms + (size_t)id * positions, numerators, denominators, wide, out);
@@ -701,7 +703,16 @@ static int score_rows(const vfs_query *q, const uint16_t *features, const uint8_
  * Returns 0, or -1 when memory for the per-call scratch could not be had. */
 int vfs_score_images(const vfs_query *q, const uint16_t *features, const float *sqnorms, const int64_t *ids,
                      int64_t first, int64_t count, float *best_score, int32_t *best_window, float *all_scores) {
-    return score_rows(q, features, NULL, sqnorms, ids, first, count, best_score, best_window, all_scores);
+    return score_rows(q, features, NULL, sqnorms, ids, NULL, first, count, best_score, best_window, all_scores);
+}
+
+/* The same for rows that lie wherever a reader put them: image i's values start `placed[i]` bytes after
+ * `features` (each row whole and contiguous, 2-byte aligned), its norms are row ids[i] of `sqnorms`. The
+ * two-tier rerank scores the rows it read into its own buffer this way (dashboard/row_reads.py), no copy. */
+int vfs_score_placed(const vfs_query *q, const uint16_t *features, const int64_t *placed, const float *sqnorms,
+                     const int64_t *ids, int64_t count, float *best_score, int32_t *best_window, float *all_scores) {
+    if (!placed || !ids) return -2;
+    return score_rows(q, features, NULL, sqnorms, ids, placed, 0, count, best_score, best_window, all_scores);
 }
 
 /* The same over 4-bit codes, q->channels / 2 bytes per cell (q->channels a multiple of 32), with the query's
@@ -709,5 +720,5 @@ int vfs_score_images(const vfs_query *q, const uint16_t *features, const float *
 int vfs_score_codes(const vfs_query *q, const uint8_t *codes, const float *sqnorms, const int64_t *ids,
                     int64_t first, int64_t count, float *best_score, int32_t *best_window, float *all_scores) {
     if (q->channels <= 0 || q->channels % VFS_CODE_GROUP || !q->code_values) return -2;
-    return score_rows(q, NULL, codes, sqnorms, ids, first, count, best_score, best_window, all_scores);
+    return score_rows(q, NULL, codes, sqnorms, ids, NULL, first, count, best_score, best_window, all_scores);
 }

@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -217,6 +218,11 @@ class SearchKernel:
         self._score_codes.argtypes = [ctypes.POINTER(_Query), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p]
+        self._score_placed = library.vfs_score_placed
+        self._score_placed.restype = ctypes.c_int
+        self._score_placed.argtypes = [ctypes.POINTER(_Query), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p]
         library.vfs_code_chunk_bytes.restype = ctypes.c_int
         self.code_chunk_bytes = library.vfs_code_chunk_bytes()  # how this path lays out a query over codes
         self._read = library.vfs_read_bytes
@@ -250,10 +256,29 @@ class SearchKernel:
         rows = features.data_ptr()
 
         def call(struct, lo, count, ids_at, scores_at, windows_at, every_at):
-            return self._score(struct, rows, sqnorms.ctypes.data, ids_at, lo, count, scores_at, windows_at,
-                               every_at)
+            return self._score(struct, rows, sqnorms.ctypes.data, ids_at, 0 if ids_at else lo, count, scores_at,
+                               windows_at, every_at)
 
         return self._run(query, features.shape[0], ids, with_all, threads, call)
+
+    def score_placed(self, query: KernelQuery, base: int, placed: np.ndarray, row_bytes: int, extent: int,
+                     sqnorms: np.ndarray, ids: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`score` of rows that lie at `base + placed[i]` (a buffer of `extent` bytes, e.g. a reader's), each a
+        whole bfloat16 image, with the norms of `sqnorms[ids[i]]`."""
+        placed = np.ascontiguousarray(placed, dtype=np.int64)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if row_bytes != 2 * math.prod(query.grid) * query.channels or len(placed) != len(ids):
+            raise ValueError("placed rows must be whole images of the query's grid, one per id")
+        if len(placed) and (placed.min() < 0 or placed.max() + row_bytes > extent or (placed % 2).any()):
+            raise ValueError("placed rows must lie, 2-byte aligned, within the buffer")
+        _check_sqnorms(query, sqnorms.shape[0], sqnorms)
+
+        def call(struct, lo, count, ids_at, scores_at, windows_at, every_at):
+            return self._score_placed(struct, base, placed.ctypes.data + 8 * lo, sqnorms.ctypes.data, ids_at, count,
+                                      scores_at, windows_at, every_at)
+
+        scores, windows, _ = self._run(query, sqnorms.shape[0], ids, False, threads, call)
+        return scores, windows
 
     def score_codes(self, query: KernelQuery, codes: np.ndarray, sqnorms: np.ndarray, ids: np.ndarray | None,
                     with_all: bool = False, threads: int | None = None) -> tuple[np.ndarray, np.ndarray,
@@ -268,8 +293,8 @@ class SearchKernel:
         _check_sqnorms(query, codes.shape[0], sqnorms)
 
         def call(struct, lo, count, ids_at, scores_at, windows_at, every_at):
-            return self._score_codes(struct, codes.ctypes.data, sqnorms.ctypes.data, ids_at, lo, count,
-                                     scores_at, windows_at, every_at)
+            return self._score_codes(struct, codes.ctypes.data, sqnorms.ctypes.data, ids_at, 0 if ids_at else lo,
+                                     count, scores_at, windows_at, every_at)
 
         return self._run(query, codes.shape[0], ids, with_all, threads, call)
 
@@ -287,7 +312,7 @@ class SearchKernel:
         threads = max(1, min(threads or torch.get_num_threads(), count // MIN_IMAGES_PER_THREAD))
 
         def run(lo: int, hi: int) -> int:
-            return call(ctypes.byref(struct), 0 if ids is not None else lo, hi - lo,
+            return call(ctypes.byref(struct), lo, hi - lo,
                         None if ids is None else ids.ctypes.data + 8 * lo,
                         scores.ctypes.data + 4 * lo, windows.ctypes.data + 4 * lo,
                         None if every is None else every.ctypes.data + 4 * lo * query.windows)
