@@ -94,7 +94,8 @@ class RowReads:
             raise DirectReadsUnavailable(f"io_setup failed: {os.strerror(ctypes.get_errno())}")
         self.data_offset, self.row_bytes, self.capacity = data_offset, row_bytes, capacity
         self.slot = -(-(row_bytes + ALIGN) // ALIGN) * ALIGN  # the aligned span around any row fits
-        self.buffer = mmap.mmap(-1, self.slot * capacity)
+        # private: the process's own memory, counted as such (a shared anonymous map is shmem, counted as a file's)
+        self.buffer = mmap.mmap(-1, self.slot * capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.bytes = np.frombuffer(self.buffer, dtype=np.uint8)
         self.bytes[::mmap.PAGESIZE] = 0  # faulted in once here, not by every search's reads
         self.iocbs = np.zeros(capacity, IOCB)
