@@ -109,7 +109,7 @@ class RowReads:
         self._closing = False
         self._worker = threading.Thread(target=self._work, daemon=True, name="vfs-row-reads")
         self._worker.start()
-        self.first_ok = self._probe()
+        self._probe()
 
     @property
     def base(self) -> int:
@@ -119,7 +119,7 @@ class RowReads:
     def extent(self) -> int:
         return len(self.bytes)
 
-    def _probe(self) -> bool:
+    def _probe(self) -> None:
         """One row read and compared with a plain read: a filesystem that accepts O_DIRECT but fails it (or
         misplaces it) is found here, not in a search."""
         self.request(np.array([0]))
@@ -136,7 +136,6 @@ class RowReads:
         if got != expected:
             self.close()
             raise DirectReadsUnavailable("a direct read did not return the file's bytes")
-        return True
 
     def reset(self) -> None:
         """Forget the rows held (once their reads are finished): the buffer is free for another search."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
-import math
 
 import numpy as np
 import torch
@@ -129,12 +128,9 @@ def score_placed(base: int, placed: np.ndarray, extent: int, sqnorms: np.ndarray
     scorer = get_scorer(backend)
     if not isinstance(scorer, NativeScorer):
         return None
-    query.check_fits(grid[:2], grid[2])
-    prepared = KernelQuery.build(query.features, query.weights, query.grid, query.norm)
+    prepared = scorer.prepare(query, grid[:2], grid[2])
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    check_ids(ids, sqnorms.shape[0])
-    scores, windows = scorer.kernel().score_placed(prepared, base, placed, 2 * math.prod(grid), extent,
-                                                   np.asarray(sqnorms), ids)
+    scores, windows = prepared.kernel.score_placed(prepared.query, base, placed, extent, np.asarray(sqnorms), ids)
     return WindowScores(ids, scores, windows.astype(np.int64), prepared.out_w)
 
 

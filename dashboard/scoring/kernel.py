@@ -261,14 +261,14 @@ class SearchKernel:
 
         return self._run(query, features.shape[0], ids, with_all, threads, call)
 
-    def score_placed(self, query: KernelQuery, base: int, placed: np.ndarray, row_bytes: int, extent: int,
-                     sqnorms: np.ndarray, ids: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_placed(self, query: KernelQuery, base: int, placed: np.ndarray, extent: int, sqnorms: np.ndarray,
+                     ids: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`score` of rows that lie at `base + placed[i]` (a buffer of `extent` bytes, e.g. a reader's), each a
-        whole bfloat16 image, with the norms of `sqnorms[ids[i]]`."""
+        whole bfloat16 image of the query's grid, with the norms of `sqnorms[ids[i]]`."""
         placed = np.ascontiguousarray(placed, dtype=np.int64)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if row_bytes != 2 * math.prod(query.grid) * query.channels or len(placed) != len(ids):
-            raise ValueError("placed rows must be whole images of the query's grid, one per id")
+        row_bytes = 2 * math.prod(query.grid) * query.channels
+        if len(placed) != len(ids):
+            raise ValueError("one placed row per id")
         if len(placed) and (placed.min() < 0 or placed.max() + row_bytes > extent or (placed % 2).any()):
             raise ValueError("placed rows must lie, 2-byte aligned, within the buffer")
         _check_sqnorms(query, sqnorms.shape[0], sqnorms)
