@@ -107,7 +107,9 @@ class CacheShard:
     def first_stage_scores(self, query: RegionQuery, ids: np.ndarray | None,
                            backend: str | None) -> scoring.WindowScores:
         """Every searched row's best window by the first stage (approximate scores, projected numerators). Over
-        many rows, scored in parts, and the likely shortlist's rows read ahead for the rerank (`row_reads`)."""
+        many rows, scored in parts, and the likely shortlist's rows read ahead for the rerank (`row_reads`). The
+        parts are all queued on the kernel's pool at once: the cores score the next part while this thread picks
+        the likely rows of the last one (waiting at each part's end cost 0.73-0.94x end to end on the 1M cache)."""
         index = self.first_stage()
         searched = self.count if ids is None else len(ids)
         reader = self._reader_for(query, searched, backend)
@@ -116,8 +118,9 @@ class CacheShard:
         all_ids = np.arange(self.count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         scores, positions = np.empty(searched, np.float32), np.empty(searched, np.int64)
         likely_ids, likely_scores, scored = np.zeros(0, np.int64), np.zeros(0, np.float32), 0
-        for part in row_reads.parts(searched):
-            found = scoring.score_codes(index, self.sqnorms, query, all_ids[part], backend=backend)
+        parts = row_reads.parts(searched)
+        for part, found in zip(parts, scoring.score_codes_in_parts(index, self.sqnorms, query,
+                                                                   [all_ids[part] for part in parts], backend)):
             scores[part], positions[part] = found.scores, found.position
             scored += len(part)
             likely_ids = np.concatenate([likely_ids, found.ids])

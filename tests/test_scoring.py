@@ -326,3 +326,33 @@ def test_first_stage_scores_follow_the_codes():
     codes[5] ^= 0x33
     after = scoring.score_codes(dataclasses.replace(index, codes=codes), sqnorms, query).scores
     assert after[5] != before[5] and np.array_equal(np.delete(after, 5), np.delete(before, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_stage_scores_in_parts_equal_one_call_per_part(backend, monkeypatch):
+    """Parts queued on the pool at once (the cores go on to the next part while the caller reads one) give each
+    part exactly what scoring it alone gives, in the order asked, whatever the parts' sizes (empty included)."""
+    monkeypatch.setattr("dashboard.scoring.kernel.MIN_IMAGES_PER_THREAD", 1)  # several slices even for tiny parts
+    rng = np.random.default_rng(11)
+    n, grid = 60, (4, 5)
+    index = code_index(rng, n, grid, 40, 32)
+    sqnorms = rng.uniform(0.5, 4.0, size=(n, *grid)).astype(np.float32)
+    mask = np.zeros(grid, np.float32)
+    mask[1:3, 1:4] = 1
+    query = RegionQuery.from_grid_mask(rng.normal(size=(*grid, 40)).astype(np.float32), mask)
+    parts = [rng.permutation(n)[:size] for size in (17, 0, 1, 42)]
+    found = list(scoring.score_codes_in_parts(index, sqnorms, query, parts, backend))
+    assert len(found) == len(parts)
+    for ids, part in zip(parts, found):
+        alone = scoring.score_codes(index, sqnorms, query, ids, backend=backend)
+        assert np.array_equal(part.ids, ids)
+        assert np.array_equal(part.scores, alone.scores) and np.array_equal(part.position, alone.position)
+
+
+def test_first_stage_parts_refuse_ids_outside_the_index():
+    rng = np.random.default_rng(12)
+    index = code_index(rng, 8, (3, 3), 32, 32)
+    sqnorms = np.ones((8, 3, 3), np.float32)
+    query = RegionQuery.from_grid_mask(rng.normal(size=(3, 3, 32)).astype(np.float32), np.ones((3, 3), np.float32))
+    with pytest.raises(IndexError):
+        list(scoring.score_codes_in_parts(index, sqnorms, query, [np.arange(4), np.array([3, 8])]))

@@ -33,8 +33,8 @@ from dashboard.scoring.native import NativeScorer
 from dashboard.scoring.torch_path import TorchScorer
 
 __all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "code_query", "engine_status",
-           "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_placed", "score_windows",
-           "window_score_maps"]
+           "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_codes_in_parts", "score_placed",
+           "score_windows", "window_score_maps"]
 
 SCORERS: dict[str, Scorer] = {
     "native": NativeScorer(None, "native kernel, the best path of this CPU"),
@@ -167,6 +167,26 @@ def score_codes(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQu
                                            np.ascontiguousarray(sqnorms[chunk]), None)
         scores[start:start + len(chunk)], positions[start:start + len(chunk)] = part
     return WindowScores(all_ids, scores, positions, prepared_small.out_w)
+
+
+def score_codes_in_parts(index: fmt.FirstStageIndex, sqnorms: np.ndarray, query: RegionQuery,
+                         parts: list[np.ndarray], backend: str | None = None):
+    """`score_codes` of each id array in `parts`, yielded in order as each part is scored. On the native kernel
+    the cores score the next parts while the caller handles a finished one (`SearchKernel.score_codes_in_parts`);
+    other backends score one part per step."""
+    scorer = get_scorer(backend)
+    parts = [np.ascontiguousarray(ids, dtype=np.int64) for ids in parts]
+    for ids in parts:
+        check_ids(ids, index.codes.shape[0])
+    if not isinstance(scorer, NativeScorer):
+        for ids in parts:
+            yield score_codes(index, sqnorms, query, ids, backend)
+        return
+    kernel = scorer.kernel()
+    prepared = code_query(index, query, kernel.code_chunk_bytes)
+    found = kernel.score_codes_in_parts(prepared, index.codes, np.asarray(sqnorms), parts)
+    for ids, (scores, windows) in zip(parts, found):
+        yield WindowScores(ids, scores, windows.astype(np.int64), prepared.out_w)
 
 
 def code_query(index: fmt.FirstStageIndex, query: RegionQuery, chunk_bytes: int) -> KernelQuery:

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +285,20 @@ class SearchKernel:
                                                                                   np.ndarray | None]:
         """`score` over 4-bit first-stage codes (N, H, W, C / 2) uint8 (`cache_format.pack_codes`), with a query
         from `KernelQuery.for_codes` (`dashboard.scoring.score_codes`)."""
+        return self._run(query, codes.shape[0], ids, with_all, threads, self._codes_call(query, codes, sqnorms))
+
+    def score_codes_in_parts(self, query: KernelQuery, codes: np.ndarray, sqnorms: np.ndarray,
+                             parts: list[np.ndarray], threads: int | None = None):
+        """`score_codes` of each id array in `parts`, yielded part by part in order as (scores, windows). Every
+        part's slices are queued on the pool at once, so the cores go on scoring the next parts while the caller
+        works on a finished one (no pause at each part's end for the slowest slice)."""
+        call = self._codes_call(query, codes, sqnorms)
+        pending = [self._start(query, codes.shape[0], ids, False, threads, call) for ids in parts]
+        for started in pending:
+            scores, windows, _ = started.result()
+            yield scores, windows
+
+    def _codes_call(self, query: KernelQuery, codes: np.ndarray, sqnorms: np.ndarray):
         if query.code_values is None:
             raise ValueError("a query over codes is built with KernelQuery.for_codes")
         shape = (*query.grid, query.channels // 2)
@@ -296,11 +310,16 @@ class SearchKernel:
             return self._score_codes(struct, codes.ctypes.data, sqnorms.ctypes.data, ids_at, 0 if ids_at else lo,
                                      count, scores_at, windows_at, every_at)
 
-        return self._run(query, codes.shape[0], ids, with_all, threads, call)
+        return call
 
     def _run(self, query: KernelQuery, n_total: int, ids: np.ndarray | None, with_all: bool, threads: int | None,
              call) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The images split over the shared pool, each slice one native call writing into the outputs."""
+        return self._start(query, n_total, ids, with_all, threads, call, queued=False).result()
+
+    def _start(self, query: KernelQuery, n_total: int, ids: np.ndarray | None, with_all: bool,
+               threads: int | None, call, queued: bool = True) -> "_Started":
+        """`_run`'s slices begun (on the pool; `queued=False` runs a single slice in this thread instead)."""
         if ids is not None:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             check_ids(ids, n_total)
@@ -317,9 +336,21 @@ class SearchKernel:
                         scores.ctypes.data + 4 * lo, windows.ctypes.data + 4 * lo,
                         None if every is None else every.ctypes.data + 4 * lo * query.windows)
 
-        if any(_in_parts(count, threads, run)):
+        # struct and ids stay referenced by `run` (and so by the futures) until every slice has returned
+        return _Started((scores, windows, every), _in_parts(count, threads, run, wait=not queued))
+
+
+class _Started:
+    """A kernel call's outputs and the pool's work on them; `result` waits for every slice."""
+
+    def __init__(self, outputs: tuple, slices: list) -> None:
+        self.outputs, self.slices = outputs, slices
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        done = [part.result() if isinstance(part, Future) else part for part in self.slices]
+        if any(done):
             raise MemoryError("the search kernel could not allocate its per-call scratch memory")
-        return scores, windows, every
+        return self.outputs
 
 
 def _check_inputs(query: KernelQuery, features: torch.Tensor, sqnorms: np.ndarray) -> None:
@@ -335,14 +366,16 @@ def _check_sqnorms(query: KernelQuery, n: int, sqnorms: np.ndarray) -> None:
         raise ValueError(f"sqnorms must be a contiguous (N, {query.grid[0]}, {query.grid[1]}) float32 array")
 
 
-def _in_parts(count: int, threads: int, run) -> list:
-    """`run(lo, hi)` over `threads` equal slices of range(count), on the shared pool; their results."""
+def _in_parts(count: int, threads: int, run, wait: bool = True) -> list:
+    """`run(lo, hi)` over `threads` equal slices of range(count), on the shared pool; their results (with
+    `wait=False`, their futures, and a single slice still runs in this thread)."""
     threads = max(1, threads)
     bounds = np.linspace(0, count, threads + 1).astype(np.int64)
     slices = [(int(bounds[k]), int(bounds[k + 1])) for k in range(threads)]
-    if threads == 1:
+    if threads == 1 and wait:
         return [run(*slices[0])]
-    return list(_pool().map(lambda part: run(*part), slices))
+    futures = [_pool().submit(run, *part) for part in slices]
+    return [future.result() for future in futures] if wait else futures
 
 
 _POOL: ThreadPoolExecutor | None = None
