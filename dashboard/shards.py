@@ -12,7 +12,6 @@ metadata) stays with the caller, so a search gives the same answer wherever its 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -117,18 +116,12 @@ class CacheShard:
             return scoring.score_codes(index, self.sqnorms, query, ids, backend=backend)
         all_ids = np.arange(self.count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         scores, positions = np.empty(searched, np.float32), np.empty(searched, np.int64)
-        likely_ids, likely_scores, scored = np.zeros(0, np.int64), np.zeros(0, np.float32), 0
+        likely = row_reads.LikelyRows(searched)
         parts = row_reads.parts(searched)
         for part, found in zip(parts, scoring.score_codes_in_parts(index, self.sqnorms, query,
-                                                                   [all_ids[part] for part in parts], backend)):
+                                                                   [all_ids[p] for p in parts], backend)):
             scores[part], positions[part] = found.scores, found.position
-            scored += len(part)
-            likely_ids = np.concatenate([likely_ids, found.ids])
-            likely_scores = np.concatenate([likely_scores, found.scores])
-            keep = min(len(likely_ids), math.ceil(row_reads.READ_AHEAD_SHARE * scored))
-            best = np.argpartition(-likely_scores, keep - 1)[:keep] if keep else np.zeros(0, np.int64)
-            likely_ids, likely_scores = likely_ids[best], likely_scores[best]
-            reader.request(likely_ids)
+            reader.request(likely.add(found.ids, found.scores))
         return scoring.WindowScores(all_ids, scores, positions, found.windows_per_row)
 
     def _reader_for(self, query: RegionQuery, searched: int, backend: str | None) -> row_reads.RowReads | None:

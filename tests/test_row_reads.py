@@ -99,7 +99,10 @@ def test_rows_read_directly_are_the_files_rows(cache):
         for i, at in zip(ids, reader.placed(ids)):
             row = reader.bytes[at:at + features[0].nbytes].view(np.uint16).reshape(features.shape[1:])
             assert np.array_equal(row, features[i])
-        assert not reader.request(np.arange(100))  # beyond its 50 slots
+        wanted = np.setdiff1d(np.arange(N), ids)[::-1]  # the highest rows listed first
+        assert not reader.request(wanted)  # beyond its 50 slots: the first 5 listed are the ones read
+        reader.finish()
+        assert (reader.slot_of[wanted[:5]] >= 0).all() and (reader.slot_of[wanted[5:]] < 0).all()
         with pytest.raises(KeyError):
             reader.placed(np.arange(100))
     finally:
@@ -149,9 +152,28 @@ def test_the_first_stage_reads_the_shortlist_ahead(cache, monkeypatch):
         pytest.skip(f"this filesystem refuses direct reads: {cache.shards[0]._read_aheads.unavailable}")
     probe, *parts, rerank = held
     assert len(parts) == row_reads.PARTS and parts[-1][0] == 40
-    # the shortlist's rows were nearly all read ahead (one ranked low in its own part, then high overall, can be
-    # missed: the rerank reads it)
-    assert rerank[0] == 40 and rerank[1] >= 36
+    assert rerank == (40, 40)  # every row of the shortlist was read ahead: the rerank reads none
+
+
+def test_a_part_holding_most_of_the_best_rows_still_has_them_read_ahead(monkeypatch):
+    """As in a cache sorted by label: the first part holds 30 of the 40 best rows, when the share read after it is
+    only 5. Those passed over are read once the share has grown, and the last part's rows are the best 40."""
+    monkeypatch.setattr(row_reads, "READ_AHEAD_SHARE", 0.05)
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(0, 0.5, size=800).astype(np.float32)
+    scores[rng.choice(100, 30, replace=False)] = rng.uniform(0.9, 1.0, size=30)  # the first part's
+    scores[100 + rng.choice(700, 10, replace=False)] = rng.uniform(0.9, 1.0, size=10)
+    best = set(np.argsort(-scores)[:40].tolist())
+    likely = row_reads.LikelyRows(len(scores))
+    assert likely.final == 40
+    read: set[int] = set()
+    bounds = list(range(0, 800, 100)) + [800]
+    for start, stop in zip(bounds, bounds[1:]):
+        ids = np.arange(start, stop)
+        wanted = likely.add(ids, scores[ids])
+        assert len(wanted) == min(40, np.ceil(row_reads.READ_AHEAD_SHARE * stop))
+        read |= set(wanted.tolist())
+    assert set(wanted.tolist()) == best and best <= read
 
 
 def test_filters_groups_and_a_deeper_rerank_than_the_reader_holds(cache, monkeypatch):
