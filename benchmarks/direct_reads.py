@@ -12,7 +12,6 @@ features are dropped from the page cache, as in scale.py (the worst case: every 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,11 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scale import CONFIGS, drop_from_page_cache, ensure_cache, ensure_index, query_set  # noqa: E402
+from scale import drop_from_page_cache, query_set, side_by_side  # noqa: E402
 
 from cache_builder import cache_format as fmt  # noqa: E402
-from dashboard import row_reads, scoring, settings, shards, two_tier  # noqa: E402
-from dashboard.scoring.kernel import path_flags  # noqa: E402
+from dashboard import row_reads, settings, shards, two_tier  # noqa: E402
 
 DESIGNS = {"mapped": "0", "direct": "1"}
 
@@ -51,17 +49,7 @@ def timed_query(cache, query, depth: int) -> tuple[np.ndarray, float, float, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, help="images in the cache instead of 1M")
-    parser.add_argument("--queries", type=int, default=8, help="timed queries per mask size and design")
-    args = parser.parse_args()
-    grid, n, dims = CONFIGS["7x7x320"]
-    n = args.images or n
-    cache = ensure_cache("7x7x320", grid, n, dims)
-    ensure_index(cache, dims)
-    depth = two_tier.rerank_depth(n, 10)
-    print(f"CPU: {os.cpu_count()} cores, flags {path_flags()}; engine {scoring.engine_status()}; "
-          f"load {os.getloadavg()[0]:.2f}; {n:,} images, rerank depth {depth:,}", flush=True)
+    args, cache, depth = side_by_side(__doc__.splitlines()[0])
     path = cache.path / fmt.FEATURES_FILE
     queries = query_set(cache)
     for mask in two_tier.mask_shapes(cache.grid):

@@ -131,6 +131,24 @@ def ensure_index(cache: FeatureCache, dims: int | None) -> fmt.FirstStageIndex:
         return cache.first_stage()
 
 
+def side_by_side(description: str) -> tuple[argparse.Namespace, FeatureCache, int]:
+    """What the side-by-side benchmarks of the two-tier search start with: their command line (--only, --images,
+    --queries), the cache with its index (written the first time; 1M x 7x7x320 unless --only names the other),
+    the rerank depth, and a line naming the CPU."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--only", choices=list(CONFIGS), default="7x7x320", help="the cache (default 7x7x320)")
+    parser.add_argument("--images", type=int, help="images in the cache instead of 1M / 500k")
+    parser.add_argument("--queries", type=int, default=8, help="timed queries per mask size and design")
+    args = parser.parse_args()
+    grid, n, dims = CONFIGS[args.only]
+    cache = ensure_cache(args.only, grid, args.images or n, dims)
+    ensure_index(cache, dims)
+    depth = two_tier.rerank_depth(cache.size, 10)
+    log(f"CPU: {os.cpu_count()} cores, flags {path_flags()}; engine {scoring.engine_status()}; "
+        f"load {os.getloadavg()[0]:.2f}; {cache.size:,} images, rerank depth {depth:,}")
+    return args, cache, depth
+
+
 # ---------------------------------------------------------------------------------------------- truth
 
 def exact_top(cache: FeatureCache, queries: list[RegionQuery], k: int, chunk_bytes: int = 2 << 30) -> list:

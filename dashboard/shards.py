@@ -108,7 +108,8 @@ class CacheShard:
         """Every searched row's best window by the first stage (approximate scores, projected numerators). Over
         many rows, scored in parts, and the likely shortlist's rows read ahead for the rerank (`row_reads`). The
         parts are all queued on the kernel's pool at once: the cores score the next part while this thread picks
-        the likely rows of the last one (waiting at each part's end cost 0.73-0.94x end to end on the 1M cache)."""
+        the likely rows of the last one (on the 1M benchmark cache 0.73-0.94x the time of waiting for each part,
+        `benchmarks/first_stage_parts.py`)."""
         index = self.first_stage()
         searched = self.count if ids is None else len(ids)
         reader = self._reader_for(query, searched, backend)
