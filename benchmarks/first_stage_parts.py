@@ -5,6 +5,7 @@ reads: side by side in one process, the order of the designs turning query by qu
 
     .venv/bin/python benchmarks/first_stage_parts.py                    # scale.py's 1M x 7x7x320 cache
     .venv/bin/python benchmarks/first_stage_parts.py --images 200000    # a smaller cache, same measurements
+    .venv/bin/python benchmarks/first_stage_parts.py --only 14x14x112   # scale.py's 500k x 14x14x112 cache
 
 Per mask size: the median total, first stage (with the shortlist) and rerank of each design, and whether all gave
 the same top-10. Before every query the features are dropped from the page cache, as in scale.py (every row the
@@ -26,26 +27,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from scale import drop_from_page_cache, query_set, side_by_side  # noqa: E402
 
 from cache_builder import cache_format as fmt  # noqa: E402
-from dashboard import row_reads, scoring, shards, two_tier  # noqa: E402
+from dashboard import scoring, shards, two_tier  # noqa: E402
 
-QUEUED = shards.CacheShard.first_stage_scores
+QUEUED_PARTS = scoring.score_codes_in_parts
+SHIPPED = shards.CacheShard.first_stage_scores
 
 
-def waiting(self: shards.CacheShard, query, ids, backend):
-    """The shipped design with each part's kernel call waited for before the next one begins."""
-    index = self.first_stage()
-    searched = self.count if ids is None else len(ids)
-    reader = self._reader_for(query, searched, backend)
-    if reader is None:
-        return scoring.score_codes(index, self.sqnorms, query, ids, backend=backend)
-    all_ids = np.arange(self.count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    scores, positions = np.empty(searched, np.float32), np.empty(searched, np.int64)
-    likely = row_reads.LikelyRows(searched)
-    for part in row_reads.parts(searched):
-        found = scoring.score_codes(index, self.sqnorms, query, all_ids[part], backend=backend)
-        scores[part], positions[part] = found.scores, found.position
-        reader.request(likely.add(found.ids, found.scores))
-    return scoring.WindowScores(all_ids, scores, positions, found.windows_per_row)
+def parts_one_by_one(index, sqnorms, query, parts, backend=None):
+    """`scoring.score_codes_in_parts` as it was: each part's kernel call begun only once the search has handled
+    the part before (a generator, so the next call waits for the caller's next step)."""
+    for ids in parts:
+        yield scoring.score_codes(index, sqnorms, query, ids, backend=backend)
 
 
 def one_call(self: shards.CacheShard, query, ids, backend):
@@ -53,7 +45,15 @@ def one_call(self: shards.CacheShard, query, ids, backend):
     return scoring.score_codes(self.first_stage(), self.sqnorms, query, ids, backend=backend)
 
 
-DESIGNS = {"queued (shipped)": QUEUED, "waiting": waiting, "one call, no reads": one_call}
+DESIGNS = {  # (the shard's first stage, how it scores its parts)
+    "queued (shipped)": (SHIPPED, QUEUED_PARTS),
+    "waiting": (SHIPPED, parts_one_by_one),
+    "one call, no reads": (one_call, QUEUED_PARTS),
+}
+
+
+def use(design: str) -> None:
+    shards.CacheShard.first_stage_scores, scoring.score_codes_in_parts = DESIGNS[design]
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
             for k, query in enumerate(chosen):
                 tops = {}
                 for design in names[k % len(names):] + names[:k % len(names)]:
-                    shards.CacheShard.first_stage_scores = DESIGNS[design]
+                    use(design)
                     drop_from_page_cache(path)
                     started = time.perf_counter()
                     picked = two_tier.shortlist(two_tier.first_stage_scores(cache, query, None), depth)
@@ -88,7 +88,7 @@ def main() -> None:
             print(f"{mask:>6}: {line} | queued/waiting {ratio:.2f}x | same top-10 {sum(agree)}/{len(agree)}",
                   flush=True)
     finally:
-        shards.CacheShard.first_stage_scores = QUEUED
+        use("queued (shipped)")
         cache.metadata.close()
 
 
