@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dashboard.region_query import RegionQuery
+from dashboard.scoring.base import best_positions
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of every disk's logical block
 PARTS, BLOCK = 8, 4096  # the first stage's parts: each takes every PARTS-th block of BLOCK searched images
@@ -87,19 +88,15 @@ class LikelyRows:
     def add(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The rows worth reading once the part `ids` (with their first-stage `scores`) is scored, best first."""
         self.scored += len(ids)
+        if len(self.ids) >= self.final > 0:  # full: only scores reaching its lowest can enter
+            entering = scores >= self.scores.min()
+            ids, scores = ids[entering], scores[entering]
         self.ids, self.scores = np.concatenate([self.ids, ids]), np.concatenate([self.scores, scores])
         if len(self.ids) > self.final:
-            kept = _best(self.scores, self.final)
+            kept = best_positions(self.scores, self.final)
             self.ids, self.scores = self.ids[kept], self.scores[kept]
-        best = _best(self.scores, math.ceil(READ_AHEAD_SHARE * self.scored))
+        best = best_positions(self.scores, math.ceil(READ_AHEAD_SHARE * self.scored))
         return self.ids[best[np.argsort(-self.scores[best], kind="stable")]]  # best first: a full reader keeps them
-
-
-def _best(scores: np.ndarray, count: int) -> np.ndarray:
-    """Positions of the `count` highest scores (all where there are no more), in no particular order."""
-    if count >= len(scores):
-        return np.arange(len(scores))
-    return np.argpartition(-scores, count - 1)[:count] if count > 0 else np.zeros(0, np.int64)
 
 
 class RowReads:

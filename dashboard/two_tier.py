@@ -95,18 +95,12 @@ def choose_mode(requested: str, cache: FeatureCache, searched: int, depth: int) 
 def shortlist(first: scoring.WindowScores, depth: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Ascending ids of the first stage's best `depth` images; with `groups` (codes aligned with `first.ids`),
     also each group's best image among the `depth` best groups, so best-per-group keeps its groups."""
-    picks = _top(first.scores, depth)
+    picks = scoring.best_positions(first.scores, depth)
     if groups is not None:
         order = np.lexsort((first.ids, -first.scores))
         _, best_of_group = np.unique(groups[order], return_index=True)
         picks = np.union1d(picks, order[np.sort(best_of_group)][:depth])
     return np.sort(first.ids[picks])
-
-
-def _top(scores: np.ndarray, depth: int) -> np.ndarray:
-    if depth >= len(scores):
-        return np.arange(len(scores))
-    return np.argpartition(-scores, depth - 1)[:depth]
 
 
 def first_stage_scores(cache: FeatureCache, query: RegionQuery, ids: np.ndarray | None,
@@ -164,7 +158,7 @@ def estimate_recall(cache: FeatureCache, depth_share: float = RERANK_FRACTION, s
             except QueryError:  # an all-zero region: no similarity defined
                 continue
             exact = rerank(cache, query, ids, backend)  # the sample's rows, requested at once
-            truth = exact.ids[_top(exact.scores, k)]
+            truth = exact.ids[scoring.best_positions(exact.scores, k)]
             found = approx_top(cache, query, ids, depth, k, backend)
             recall.setdefault(name, []).append(len(np.intersect1d(found, truth)) / len(truth))
     return RecallEstimate({name: float(np.mean(values)) for name, values in recall.items()}, len(ids),

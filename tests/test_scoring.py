@@ -356,3 +356,31 @@ def test_first_stage_parts_refuse_ids_outside_the_index():
     query = RegionQuery.from_grid_mask(rng.normal(size=(3, 3, 32)).astype(np.float32), np.ones((3, 3), np.float32))
     with pytest.raises(IndexError):
         list(scoring.score_codes_in_parts(index, sqnorms, query, [np.arange(4), np.array([3, 8])]))
+
+
+@pytest.mark.parametrize("n, count, kind", [(300_000, 1500, "normal"), (300_000, 1500, "ties"),
+                                            (300_000, 1500, "sorted"), (300_000, 1500, "hidden"),
+                                            (300_000, 15_000, "normal"), (300_000, 15_000, "sampled"),
+                                            (250, 10, "normal"), (50, 50, "normal"),
+                                            (50, 80, "normal"), (400_000, 0, "normal")])
+def test_best_positions_are_the_highest_scores(n, count, kind):
+    """The positions of the `count` highest scores, each once, whatever the spread: many ties, scores in order,
+    the best ones where a strided sample never looks, or only where it looks (then its threshold lets too few
+    through, and all the scores are partitioned)."""
+    rng = np.random.default_rng(n + count)
+    scores = rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":
+        scores = np.round(scores, 1)
+    elif kind == "sorted":
+        scores = np.sort(scores)
+    elif kind == "hidden":  # the best ones all off the sample's stride
+        scores[:] = 0.0
+        hidden = np.setdiff1d(np.arange(n), np.arange(0, n, n // 20_000))[:count * 2]
+        scores[hidden] = 1.0 + rng.random(len(hidden)).astype(np.float32)
+    elif kind == "sampled":  # the sample holds the best ones, fewer than asked for: too few pass its threshold
+        scores *= 0.1
+        scores[::n // 20_000] = 1.0 + rng.random(len(scores[::n // 20_000])).astype(np.float32)
+    picked = scoring.best_positions(scores, count)
+    assert len(picked) == min(count, n) == len(np.unique(picked))
+    expected = np.sort(scores)[::-1][:count]
+    assert np.array_equal(np.sort(scores[picked])[::-1], expected)

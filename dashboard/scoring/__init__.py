@@ -27,14 +27,14 @@ from cache_builder import cache_format as fmt
 from dashboard import settings
 from dashboard.geometry import QueryError
 from dashboard.region_query import RegionQuery
-from dashboard.scoring.base import PreparedQuery, Scorer, WindowScores, check_ids
+from dashboard.scoring.base import PreparedQuery, Scorer, WindowScores, best_positions, check_ids
 from dashboard.scoring.kernel import KernelQuery
 from dashboard.scoring.native import NativeScorer
 from dashboard.scoring.torch_path import TorchScorer
 
-__all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "check_ids", "code_query", "engine_status",
-           "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_codes_in_parts", "score_placed",
-           "score_windows", "window_score_maps"]
+__all__ = ["SCORERS", "PreparedQuery", "Scorer", "WindowScores", "best_positions", "check_ids", "code_query",
+           "engine_status", "get_scorer", "prepare", "runnable_scorers", "score_codes", "score_codes_in_parts",
+           "score_placed", "score_windows", "window_score_maps"]
 
 SCORERS: dict[str, Scorer] = {
     "native": NativeScorer(None, "native kernel, the best path of this CPU"),
