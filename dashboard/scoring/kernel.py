@@ -367,8 +367,8 @@ def _check_sqnorms(query: KernelQuery, n: int, sqnorms: np.ndarray) -> None:
 
 
 def _in_parts(count: int, threads: int, run, wait: bool = True) -> list:
-    """`run(lo, hi)` over `threads` equal slices of range(count), on the shared pool; their results (with
-    `wait=False`, their futures, and a single slice still runs in this thread)."""
+    """`run(lo, hi)` over `threads` equal slices of range(count), on the shared pool (a single slice in this
+    thread); their results. With `wait=False`, every slice goes to the pool and their futures are returned."""
     threads = max(1, threads)
     bounds = np.linspace(0, count, threads + 1).astype(np.int64)
     slices = [(int(bounds[k]), int(bounds[k + 1])) for k in range(threads)]
