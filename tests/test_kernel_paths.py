@@ -29,14 +29,19 @@ SHAPES = [(7, (5, 6), 16, "cell"), (6, (4, 5), 37, "box"), (5, (3, 4), 24, "full
           (4, (7, 7), 112, "box"), (5, (3, 3), 3, "soft"), (6, (6, 4), 48, "holes")]
 # 4-bit first-stage codes: (images, grid, values per cell, mask), odd and even numbers of 16-byte groups per run
 # ("largest": every level 15 and every query value +127 over one long run, the most any integer sum can hold)
+# Single cells (AVX2 scores them in a pass of its own, `single_cell_numerators`): one 16-byte group, whole 32-byte
+# chunks with a group left over, 7x7 cells of 128 values, and 5 chunks of the largest values (16-bit sums of at
+# most 4 chunks, then one more), on grids of fewer and more than 8 cells.
 CODE_SHAPES = [(7, (5, 6), 32, "cell"), (6, (4, 5), 64, "box"), (5, (3, 4), 96, "full"), (6, (7, 7), 128, "soft"),
-               (5, (4, 4), 32, "holes"), (4, (5, 5), 160, "box"), (3, (5, 5), 160, "largest")]
+               (5, (4, 4), 32, "holes"), (4, (5, 5), 160, "box"), (3, (5, 5), 160, "largest"),
+               (5, (4, 5), 160, "cell"), (4, (7, 7), 128, "cell"), (3, (2, 3), 320, "largest cell"),
+               (3, (3, 3), 320, "largest cell")]
 CODE_CHUNKS = (16, 32, 64)  # packed bytes each path reads at a time: portable and NEON, AVX2, AVX-512
 
 
 def case_mask(rng, grid_h: int, grid_w: int, kind: str) -> np.ndarray:
     mask = np.zeros((grid_h, grid_w), dtype=np.float32)
-    if kind == "cell":
+    if kind in ("cell", "largest cell"):
         mask[grid_h // 2, grid_w // 2] = 1
     elif kind in ("full", "largest"):
         mask[:] = 1
@@ -103,7 +108,7 @@ def write_cases(path: Path, seed: int = 0, code_shapes=CODE_SHAPES) -> None:
             sqnorms = rng.uniform(0.5, 4, size=(n, grid_h, grid_w)).astype(np.float32)
             mask = case_mask(rng, grid_h, grid_w, kind)
             values = rng.normal(size=(grid_h, grid_w, dims)).astype(np.float32)
-            if kind == "largest":
+            if kind in ("largest", "largest cell"):
                 stored[:], values[:] = 15, 1.0
             query = RegionQuery.from_grid_mask(values, mask)
             share = float(rng.normal())

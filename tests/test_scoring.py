@@ -279,6 +279,33 @@ def test_first_stage_scores_are_the_formula_on_the_codes_values(seed, n, grid, d
         assert np.array_equal(results[backend].position, results[native[0]].position), backend
 
 
+@pytest.mark.parametrize("grid,dims", [((7, 7), 128), ((14, 14), 64), ((3, 3), 320), ((1, 5), 96)])
+def test_a_single_cell_scores_the_same_on_every_native_path(grid, dims):
+    """A single-cell mask has a pass of its own on AVX2 (its windows are the cells in order); its scores and best
+    windows are those of the generic paths bit for bit, with soft weights, zero norms and every window's score.
+    (How close they are to the formula: test_kernel_paths.)"""
+    rng = np.random.default_rng(dims)
+    n = 40
+    native = [b for b in BACKENDS if b != "torch"]
+    for soft in (False, True):
+        index = code_index(rng, n, grid, dims, dims)
+        sqnorms = rng.uniform(0, 30, size=(n, *grid)).astype(np.float32)
+        sqnorms[sqnorms < 4] = 0  # all-zero windows score 0
+        mask = np.zeros(grid, np.float32)
+        mask[grid[0] // 2, grid[1] - 1] = 0.3 if soft else 1.0
+        query = RegionQuery.from_grid_mask(rng.normal(size=(*grid, dims)).astype(np.float32), mask)
+        found = {b: scoring.score_codes(index, sqnorms, query, backend=b) for b in native}
+        kernels = {b: scoring.get_scorer(b).kernel() for b in native}
+        maps = {b: k.score_codes(scoring.code_query(index, query, k.code_chunk_bytes), np.asarray(index.codes),
+                                 sqnorms, None, with_all=True)[2] for b, k in kernels.items()}
+        for backend in native[1:]:
+            assert np.array_equal(found[backend].scores, found[native[0]].scores), backend
+            assert np.array_equal(found[backend].position, found[native[0]].position), backend
+            assert np.array_equal(maps[backend], maps[native[0]]), backend
+        assert np.array_equal(maps[native[0]].reshape(n, *grid)[sqnorms == 0], np.zeros(int((sqnorms == 0).sum())))
+        assert np.array_equal(maps[native[0]].max(axis=1), found[native[0]].scores)
+
+
 @pytest.mark.parametrize("grid", [(1, 7), (5, 6), (14, 14)])  # 7, 30 and 196 windows for one cell
 def test_the_first_of_tied_best_windows_is_reported_on_every_path(grid):
     """Where windows tie for the best score, every path reports the first (the native kernels search for it 16
