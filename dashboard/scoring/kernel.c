@@ -499,6 +499,16 @@ static inline void store_sums(const __m256i *s, int nb, float *out) {
         store_sums(sums, NB, out);                                                                              \
     }
 #elif VFS_ISA == 1
+/* a run's last 16-byte group (an odd number of groups) against its query, low values then high ones: 4 int32 sums
+ * in the low lane */
+static inline __m256i group_sums(const uint8_t *group, const int8_t *qv) {
+    const __m128i nib = _mm_set1_epi8(0x0f), packed = _mm_loadu_si128((const __m128i *)group);
+    const __m128i pairs = _mm_add_epi16(
+        _mm_maddubs_epi16(_mm_and_si128(packed, nib), _mm_loadu_si128((const __m128i *)qv)),
+        _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib), _mm_loadu_si128((const __m128i *)(qv + 16))));
+    return _mm256_zextsi128_si256(_mm_madd_epi16(pairs, _mm_set1_epi16(1)));
+}
+
 /* AVX2: 32 packed bytes = 64 values per load; each nibble half times its 32 query bytes as 16 int16 pair sums (at
  * most 2 * 15 * 127: no saturation), the two halves added (at most 4 * 15 * 127), widened to 8 int32 lanes by a
  * multiply-add with ones. A run of an odd number of groups ends with one 16-byte group in the low lane. */
@@ -527,18 +537,9 @@ static inline void store_sums(const __m256i *s, int nb, float *out) {
                     acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));                          \
                 }                                                                                               \
             }                                                                                                   \
-            if (b < bytes) { /* one 16-byte group: its query is its low values then its high values */         \
-                const __m128i q_low = _mm_loadu_si128((const __m128i *)(qv + 2 * b));                           \
-                const __m128i q_high = _mm_loadu_si128((const __m128i *)(qv + 2 * b + 16));                     \
-                const __m128i nib = _mm_set1_epi8(0x0f), one = _mm_set1_epi16(1);                               \
-                _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                          \
-                    const __m128i packed = _mm_loadu_si128((const __m128i *)(row[j] + b));                      \
-                    const __m128i pairs = _mm_add_epi16(                                                        \
-                        _mm_maddubs_epi16(_mm_and_si128(packed, nib), q_low),                                   \
-                        _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib), q_high));              \
-                    acc[j] = _mm256_add_epi32(acc[j], _mm256_zextsi128_si256(_mm_madd_epi16(pairs, one)));      \
-                }                                                                                               \
-            }                                                                                                   \
+            if (b < bytes) /* one 16-byte group: its query is its low values then its high values */           \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++)                                            \
+                    acc[j] = _mm256_add_epi32(acc[j], group_sums(row[j] + b, qv + 2 * b));                      \
         }                                                                                                       \
         store_sums(acc, NB, out);                                                                               \
     }
@@ -628,15 +629,8 @@ static inline void single_cell_block(const vfs_query *q, const uint8_t *cells, i
     }
     if (whole < bytes) { /* one 16-byte group, laid out as in the generic blocks */
         prefetch_step(pf);
-        const __m128i q_low = _mm_loadu_si128((const __m128i *)(qv + 2 * whole));
-        const __m128i q_high = _mm_loadu_si128((const __m128i *)(qv + 2 * whole + 16));
-        const __m128i nib = _mm_set1_epi8(0x0f), one = _mm_set1_epi16(1);
-        for (int j = 0; j < nb; j++) {
-            const __m128i packed = _mm_loadu_si128((const __m128i *)(cells + (size_t)j * bytes + whole));
-            const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(_mm_and_si128(packed, nib), q_low),
-                                                _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib), q_high));
-            acc[j] = _mm256_add_epi32(acc[j], _mm256_zextsi128_si256(_mm_madd_epi16(pairs, one)));
-        }
+        for (int j = 0; j < nb; j++)
+            acc[j] = _mm256_add_epi32(acc[j], group_sums(cells + (size_t)j * bytes + whole, qv + 2 * whole));
     }
     store_sums(acc, nb, out);
 }
