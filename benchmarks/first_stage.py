@@ -93,8 +93,8 @@ def first_stages(values: np.ndarray, sqnorms: np.ndarray, grid, spec: str):
     n, channels = len(values), values.shape[-1]
     cells = values.reshape(-1, channels)
     if kind in ("pq", "pqf"):
-        return product_quantised(values, sqnorms, grid, dims, fit_basis(cells, channels)[0],
-                                 None if kind == "pqf" else int(table_bits[0]) if table_bits else 8)
+        bits = None if kind == "pqf" else int(table_bits[0]) if table_bits else 8
+        return product_quantised(values, sqnorms, grid, dims, fit_basis(cells, channels)[0], bits)
     basis, energy = fit_basis(cells, dims)
     if kind == "bf16":
         bits, _ = encode_features((cells @ basis).reshape(n, *grid, dims))
@@ -118,8 +118,9 @@ def kmeans(points: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> n
     """(k, d) centroids by Lloyd's iterations from k random points."""
     rng = np.random.default_rng(seed)
     centroids = points[rng.choice(len(points), k, replace=False)].copy()
+    squared = (points ** 2).sum(1)[:, None]
     for _ in range(iterations):
-        nearest = np.argmin((points ** 2).sum(1)[:, None] - 2 * points @ centroids.T + (centroids ** 2).sum(1), axis=1)
+        nearest = np.argmin(squared - 2 * points @ centroids.T + (centroids ** 2).sum(1), axis=1)
         for j in range(k):
             members = points[nearest == j]
             centroids[j] = members.mean(0) if len(members) else points[rng.integers(len(points))]
